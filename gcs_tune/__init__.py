@@ -1,0 +1,1 @@
+"""gcs_tune: hyperparameter search for prompt learning on CLIP."""

@@ -1,0 +1,223 @@
+"""Typed, frozen run configuration, loaded from YAML plus ``key=value`` overrides.
+
+Every section is a pydantic model with ``extra="forbid"`` and ``frozen=True``: an unknown key, a
+wrong type or an out-of-range value fails at load with a :class:`ConfigError` that names the key
+and the file, before anything is trained or written.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used. The CLIs turn it into one line and exit status 2."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    dataset: str = "lab"  # "lab", one of the 11 CoOp datasets, or "imagefolder"
+    root: str | None = None  # dataset root; not used by the lab
+    shots: int = Field(16, ge=1)  # train images per base class
+    val_shots: int | None = Field(None, ge=1)  # None: min(shots, 4), the CoOp convention
+    views: int = Field(4, ge=1)  # augmented views cached per train image; one drawn per epoch
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale range of train views
+    cache_dir: str = "~/.cache/gcs_tune/features"
+    split_seed: int = 0  # imagefolder without train/val/test folders: seed of the random split
+    lab_test_per_class: int = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if self.dataset != "lab" and self.root is None:
+            raise ValueError(f"dataset {self.dataset!r} needs data.root (a folder)")
+        return self
+
+    @property
+    def val_shots_resolved(self) -> int:
+        return self.val_shots if self.val_shots is not None else min(self.shots, 4)
+
+
+class BackboneConfig(_Section):
+    model: str = "lab"  # "lab" or an open_clip model name ("ViT-B-16")
+    pretrained: str | None = None  # open_clip tag ("openai"), a checkpoint path, or None (random)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+
+
+class PromptConfig(_Section):
+    n_ctx: int = Field(4, ge=1, le=64)
+    init: str | None = "a photo of a"  # phrase whose word embeddings start the context; None: N(0, .02)
+    class_specific: bool = False
+    zero_shot_template: str = "a photo of a {}."  # hand-crafted prompt: zero-shot reference, KgCoOp target
+
+    @model_validator(mode="after")
+    def _check(self) -> "PromptConfig":
+        if self.init is not None and not self.init.strip():
+            raise ValueError("init must be a phrase or null")
+        if "{}" not in self.zero_shot_template:
+            raise ValueError("zero_shot_template must contain {} where the class name goes")
+        return self
+
+
+class MethodConfig(_Section):
+    name: str = "gcscoop"  # a row of gcs_tune.methods.METHODS
+    rho: float = Field(0.1, ge=0.0)  # SAM / GCSAM perturbation radius
+    beta1: float = Field(0.5, ge=-1.0, le=1.0)  # GCSAM: cos <= beta1 -> follow g
+    beta2: float = Field(0.8, ge=-1.0, le=1.0)  # GCSAM: cos >= beta2 -> follow g_s
+    kg_weight: float | None = Field(None, ge=0.0)  # KgCoOp text-consistency weight; None: the method's default
+
+    @model_validator(mode="after")
+    def _check(self) -> "MethodConfig":
+        if self.beta2 < self.beta1:
+            raise ValueError(f"beta2 ({self.beta2}) must be >= beta1 ({self.beta1})")
+        from gcs_tune.methods.table import METHODS  # late: the table imports this module
+
+        if self.name not in METHODS:
+            raise ValueError(f"unknown method {self.name!r}; known: {', '.join(sorted(METHODS))}")
+        return self
+
+
+class OptimConfig(_Section):
+    lr: float = Field(0.002, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    batch_size: int = Field(32, ge=1)
+
+
+class ScheduleConfig(_Section):
+    epochs: int = Field(50, ge=1)
+    warmup_epochs: int = Field(1, ge=0)  # constant warmup_lr for this many epochs, then cosine
+    warmup_lr: float = Field(1e-5, ge=0.0)
+
+
+class EvalConfig(_Section):
+    every: int = Field(1, ge=1)  # validate every N epochs (and always at the last one)
+    test: bool = True  # measure the test split once, at the end (never used for selection)
+
+
+class ObjectiveConfig(_Section):
+    """HM with a base floor. ``absolute``: floor = value; ``zero_shot``: zero-shot base accuracy
+    of the same backbone on the same validation data minus tolerance; ``reference``: ``value``
+    is a reference base accuracy (the search fills it from a CoOp run) minus tolerance."""
+
+    floor: Literal["none", "absolute", "zero_shot", "reference"] = "zero_shot"
+    value: float | None = Field(None, ge=0.0, le=100.0)
+    tolerance: float = Field(0.0, ge=0.0, le=100.0)
+    penalty: float = Field(1.0, gt=0.0)  # objective units per point of base accuracy below the floor
+
+    @model_validator(mode="after")
+    def _check(self) -> "ObjectiveConfig":
+        if self.floor in ("absolute", "reference") and self.value is None:
+            raise ValueError(f"floor {self.floor!r} needs objective.value")
+        return self
+
+
+class RunConfig(_Section):
+    seed: int = 1
+    out: str | None = None  # output folder of gcs_tune.train
+    data: DataConfig = DataConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    prompt: PromptConfig = PromptConfig()
+    method: MethodConfig = MethodConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    eval: EvalConfig = EvalConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def replace(self, **dotted: Any) -> "RunConfig":
+        """A copy with ``{"method.rho": 0.2, ...}`` applied and validated again."""
+        return build_config(self.to_dict(), dotted, source="<replace>")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["method.rho=0.2", "prompt.init=null"]`` -> ``{"method.rho": 0.2, "prompt.init": None}``.
+
+    Values are parsed as YAML scalars, so numbers, booleans, null and lists work as in a file."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. method.rho=0.2")
+        try:
+            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+    return parsed
+
+
+def build_config(tree: dict[str, Any], overrides: dict[str, Any] | None = None,
+                 source: str = "<config>") -> RunConfig:
+    """Validate a nested dict (plus dotted overrides) into a :class:`RunConfig`."""
+    tree = _deep_copy(tree)
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value, source)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load YAML at ``path`` (None: the defaults, i.e. the embedded lab) and apply overrides."""
+    if path is None:
+        return build_config({}, overrides, source="<defaults>")
+    path = Path(path)
+    tree = read_yaml(path)
+    return build_config(tree, overrides, source=str(path))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return tree
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<top>"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}

@@ -1,0 +1,189 @@
+"""The training loop: ``fit(cfg)`` yields one :class:`EpochResult` per epoch.
+
+Knows nothing of Ray or MLflow. Selection-relevant numbers (base/novel/HM/objective) are measured
+on the validation split; the test split is measured once, after the last epoch, and reported in
+``EpochResult.final`` only.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from gcs_tune.config import RunConfig
+from gcs_tune.methods.losses import LOSS_TERMS, LossInputs
+from gcs_tune.methods.steps import GCSAMStep, SAMStep, SGDStep
+from gcs_tune.methods.table import METHODS
+from gcs_tune.model.prompters import CoOpPrompter, build_bank
+from gcs_tune.model.text import PromptedTextEncoder
+from gcs_tune.objective import harmonic_mean, resolve_floor, score, worst
+from gcs_tune.prepare import Prepared, SplitFeatures, _autocast, prepare
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    base: float  # % among base classes only
+    novel: float  # % among novel classes only
+
+    @property
+    def hm(self) -> float:
+        return harmonic_mean(self.base, self.novel)
+
+
+@dataclass(frozen=True)
+class FinalResult:
+    test: Accuracy
+    zero_shot_test: Accuracy
+    zero_shot_val: Accuracy
+    prompt: dict[str, torch.Tensor]  # the learned prompter's state_dict, on the CPU
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    epoch: int  # 1-based
+    epochs: int
+    train_loss: float
+    lr: float
+    val: Accuracy
+    objective: float
+    feasible: bool
+    violation: float
+    floor: float | None
+    seconds: float  # wall time of this epoch's training and validation
+    diagnostics: dict[str, float] = field(default_factory=dict)  # e.g. GCSAM case fractions
+    diverged: bool = False
+    final: FinalResult | None = None  # set on the last result only
+
+    def metrics(self) -> dict[str, float]:
+        """Flat, finite numbers for reporting (Ray, MLflow, tables)."""
+        out = {"epoch": self.epoch, "train_loss": self.train_loss if math.isfinite(self.train_loss) else 1e9,
+               "lr": self.lr, "base_acc": self.val.base, "novel_acc": self.val.novel, "hm": self.val.hm,
+               "objective": self.objective, "feasible": float(self.feasible), "violation": self.violation,
+               "diverged": float(self.diverged), "epoch_seconds": self.seconds, **self.diagnostics}
+        if self.final:
+            out.update(test_base_acc=self.final.test.base, test_novel_acc=self.final.test.novel,
+                       test_hm=self.final.test.hm)
+        return out
+
+
+def accuracy(split: SplitFeatures, text: torch.Tensor, classes: range) -> float:
+    """% of ``split``'s images of ``classes`` whose best-scoring class among ``classes`` is right."""
+    mask = (split.labels >= classes.start) & (split.labels < classes.stop)
+    if not mask.any():
+        return 0.0
+    scores = split.features[mask] @ text[classes.start:classes.stop].float().t()  # (n, |classes|)
+    pred = scores.argmax(dim=-1) + classes.start
+    return float((pred == split.labels[mask]).float().mean() * 100)
+
+
+def evaluate(split: SplitFeatures, text: torch.Tensor, prep: Prepared) -> Accuracy:
+    text = F.normalize(text.float(), dim=-1)
+    return Accuracy(accuracy(split, text, prep.base), accuracy(split, text, prep.novel))
+
+
+def learning_rate(cfg: RunConfig, epoch: int) -> float:
+    """Constant warm-up for ``warmup_epochs``, then cosine decay over all epochs (0-based epoch)."""
+    sched = cfg.schedule
+    if epoch < sched.warmup_epochs:
+        return sched.warmup_lr
+    return 0.5 * cfg.optim.lr * (1 + math.cos(math.pi * epoch / sched.epochs))
+
+
+def build_step(cfg: RunConfig, params, optimizer):
+    rule = METHODS[cfg.method.name].step
+    if rule == "sgd":
+        return SGDStep(params, optimizer)
+    if rule == "sam":
+        return SAMStep(params, optimizer, cfg.method.rho)
+    return GCSAMStep(params, optimizer, cfg.method.rho, cfg.method.beta1, cfg.method.beta2)
+
+
+def loss_weights(cfg: RunConfig) -> dict[str, float]:
+    weights = dict(METHODS[cfg.method.name].losses)
+    if "kg" in weights and cfg.method.kg_weight is not None:
+        weights["kg"] = cfg.method.kg_weight
+    return {k: w for k, w in weights.items() if w > 0}
+
+
+def fit(cfg: RunConfig, prepared: Prepared | None = None, progress=None) -> Iterator[EpochResult]:
+    """Train the prompt of ``cfg``'s method; one result per epoch, the last one with ``final``."""
+    prep = prepared or prepare(cfg, progress)
+    bb, device = prep.backbone, prep.backbone.device
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    encoder = PromptedTextEncoder(bb.model)
+    classnames = list(prep.classnames)
+    train_bank = build_bank(encoder, bb.tokenizer, classnames[prep.base.start:prep.base.stop],
+                            list(prep.base), cfg.prompt.n_ctx)
+    all_bank = build_bank(encoder, bb.tokenizer, classnames, list(range(len(classnames))), cfg.prompt.n_ctx)
+    prompter = CoOpPrompter(encoder, bb.tokenizer, cfg.prompt.n_ctx, cfg.prompt.init, len(prep.base),
+                            cfg.prompt.class_specific, generator=gen)
+    params = list(prompter.parameters())
+    optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    step = build_step(cfg, params, optimizer)
+    weights = loss_weights(cfg)
+    scale = bb.model.logit_scale.exp().detach()
+    frozen_base_text = prep.zero_shot_text[prep.base.start:prep.base.stop]
+    precision = _autocast(device, cfg.backbone.precision)
+    zs_val = evaluate(prep.val, prep.zero_shot_text, prep)
+    floor = resolve_floor(cfg.objective, zs_val.base)
+    n_train = prep.train_labels.shape[0]
+    val = zs_val
+
+    for epoch in range(cfg.schedule.epochs):
+        start = time.perf_counter()
+        lr = learning_rate(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        view = torch.randint(prep.train_views.shape[0], (n_train,), generator=gen)  # one view per image
+        order = torch.randperm(n_train, generator=gen)
+        feats = prep.train_views[view.to(device), torch.arange(n_train, device=device)]  # (N, D)
+        total, batches = 0.0, 0
+        for chunk in order.split(cfg.optim.batch_size):
+            idx = chunk.to(device)
+            image_feats, targets = feats[idx], prep.train_labels[idx] - prep.base.start  # (B, D), (B,)
+
+            def closure() -> torch.Tensor:
+                with precision:
+                    text = prompter.text_features(encoder, train_bank)  # (n_base, D)
+                    inputs = LossInputs(image_feats, targets, text, frozen_base_text, scale)
+                    loss = sum(w * LOSS_TERMS[name](inputs) for name, w in weights.items())
+                loss.backward()
+                return loss.detach()
+
+            loss = float(step.step(closure))
+            total, batches = total + loss, batches + 1
+            if not math.isfinite(loss):
+                break
+        train_loss = total / max(batches, 1)
+        if not math.isfinite(train_loss):
+            bad = worst(cfg.objective.penalty)
+            yield EpochResult(epoch + 1, cfg.schedule.epochs, train_loss, lr, Accuracy(0.0, 0.0),
+                              bad.value, False, bad.violation, floor, time.perf_counter() - start,
+                              step.pop_stats(), diverged=True)
+            return
+        last = epoch + 1 == cfg.schedule.epochs
+        if last or (epoch + 1) % cfg.eval.every == 0:
+            with torch.no_grad(), precision:
+                val = evaluate(prep.val, prompter.text_features(encoder, all_bank), prep)
+        s = score(val.base, val.novel, floor, cfg.objective.penalty)
+        final = _final(cfg, prep, prompter, encoder, all_bank, zs_val, precision) if last else None
+        yield EpochResult(epoch + 1, cfg.schedule.epochs, train_loss, lr, val, s.value, s.feasible,
+                          s.violation, floor, time.perf_counter() - start, step.pop_stats(), final=final)
+
+
+@torch.no_grad()
+def _final(cfg, prep, prompter, encoder, all_bank, zs_val, precision) -> FinalResult:
+    nan = Accuracy(float("nan"), float("nan"))
+    test = zs_test = nan
+    if cfg.eval.test:
+        with precision:
+            test = evaluate(prep.test, prompter.text_features(encoder, all_bank), prep)
+        zs_test = evaluate(prep.test, prep.zero_shot_text, prep)
+    prompt = {k: v.detach().float().cpu().clone() for k, v in prompter.state_dict().items()}
+    return FinalResult(test=test, zero_shot_test=zs_test, zero_shot_val=zs_val, prompt=prompt)
