@@ -19,7 +19,7 @@ console = Console(stderr=True)
 def fail(message: str) -> int:
     """Print a user error (one line per problem) and return exit status 2."""
     for line in str(message).splitlines():
-        console.print(f"[bold red]error:[/] {line}", highlight=False, markup=True)
+        console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
     return 2
 
 

@@ -39,7 +39,7 @@ class FinalResult:
     test: Accuracy
     zero_shot_test: Accuracy
     zero_shot_val: Accuracy
-    prompt: dict[str, torch.Tensor]  # the learned prompter's state_dict, on the CPU
+    prompt: dict  # the learned prompt and what is needed to use it without gcs_tune (prompt.pt)
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class EpochResult:
         if self.final:
             out.update(test_base_acc=self.final.test.base, test_novel_acc=self.final.test.novel,
                        test_hm=self.final.test.hm)
-        return out
+        return {k: v for k, v in out.items() if math.isfinite(v)}  # e.g. mean_cos of a NaN step
 
 
 def accuracy(split: SplitFeatures, text: torch.Tensor, classes: range) -> float:
@@ -185,5 +185,13 @@ def _final(cfg, prep, prompter, encoder, all_bank, zs_val, precision) -> FinalRe
         with precision:
             test = evaluate(prep.test, prompter.text_features(encoder, all_bank), prep)
         zs_test = evaluate(prep.test, prep.zero_shot_text, prep)
-    prompt = {k: v.detach().float().cpu().clone() for k, v in prompter.state_dict().items()}
-    return FinalResult(test=test, zero_shot_test=zs_test, zero_shot_val=zs_val, prompt=prompt)
+    state = {k: v.detach().float().cpu().clone() for k, v in prompter.state_dict().items()}
+    return FinalResult(test=test, zero_shot_test=zs_test, zero_shot_val=zs_val,
+                       prompt=prompt_payload(cfg, prep.classnames, state))
+
+
+def prompt_payload(cfg: RunConfig, classnames, state: dict[str, torch.Tensor]) -> dict:
+    """The learned tensors plus plain metadata: loadable with ``torch.load(weights_only=True)``."""
+    return {**state, "n_ctx": cfg.prompt.n_ctx, "class_specific": cfg.prompt.class_specific,
+            "classnames": list(classnames), "model": cfg.backbone.model, "pretrained": cfg.backbone.pretrained,
+            "method": cfg.method.name, "template": "[SOS] ctx_1..ctx_M <classname> . [EOS]"}

@@ -107,8 +107,9 @@ def prepare(cfg: RunConfig, progress: Progress = None) -> Prepared:
     device = backbone.device
     views = []
     for v in range(cfg.data.views):
-        transform = backbone.train_transform(cfg.data.crop_scale)
-        view = f"aug{v}-scale{cfg.data.crop_scale[0]}-{cfg.data.crop_scale[1]}"
+        lo, hi = cfg.data.crop_scale_resolved
+        transform = backbone.train_transform((lo, hi))
+        view = f"aug{v}-scale{lo}-{hi}"
         views.append(_features(cache, backbone, cfg, "train", train, transform, view, 1000 * cfg.seed + v, progress))
     if any(v.ids != views[0].ids for v in views):
         raise DataError(f"{cfg.data.dataset} train: augmented views disagree on which images decoded")

@@ -45,14 +45,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, overrides)
 
 
-def _prompt_file(cfg: RunConfig, classnames, state: dict[str, torch.Tensor]) -> dict:
-    """Everything needed to use the prompt without this package: tensors and plain metadata."""
-    return {"ctx": state["ctx"], "n_ctx": cfg.prompt.n_ctx, "class_specific": cfg.prompt.class_specific,
-            "classnames": list(classnames), "model": cfg.backbone.model,
-            "pretrained": cfg.backbone.pretrained, "method": cfg.method.name,
-            "template": "[SOS] ctx_1..ctx_M <classname> . [EOS]"}
-
-
 def result_dict(cfg: RunConfig, last: EpochResult, seconds: float) -> dict:
     final = last.final
     nan_free = lambda x: round(x, 3) if x is not None and math.isfinite(x) else None  # noqa: E731
@@ -89,7 +81,7 @@ def run(cfg: RunConfig, out_dir: Path, quiet: bool = False) -> dict:
     (staging / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     dump_config(cfg, staging / "config.yaml")
     if last.final is not None:
-        torch.save(_prompt_file(cfg, prep.classnames, last.final.prompt), staging / "prompt.pt")
+        torch.save(last.final.prompt, staging / "prompt.pt")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(staging, out_dir)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -29,31 +31,46 @@ def parse(argv=None):
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--epochs", type=int, default=150)
     p.add_argument("--out", default="results/lab_table", help="writes OUT.json and OUT.md")
+    p.add_argument("--jobs", type=int, default=1, help="seeds trained in parallel (one CPU thread each)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p.parse_intermixed_args(argv)
 
 
 def run_all(args) -> dict[str, list[dict]]:
-    rows: dict[str, list[dict]] = {"zero-shot": []}
-    base_overrides = {"schedule.epochs": args.epochs, **parse_overrides(args.overrides)}
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        prep = None
-        for method in args.methods.split(","):
-            cfg = load_config(None, {**base_overrides, "seed": seed, "method.name": method})
-            prep = prep or prepare(cfg)  # features and few-shot split shared by the methods of a seed
-            start = time.perf_counter()
-            last = None
-            for last in fit(cfg, prep):
-                pass
-            f = last.final
-            rows.setdefault(method, []).append({"seed": seed, "base": f.test.base, "novel": f.test.novel,
-                                                "hm": f.test.hm, "seconds": time.perf_counter() - start,
-                                                **last.diagnostics})
-            console.print(f"seed {seed} {method:9s} base {f.test.base:5.1f} novel {f.test.novel:5.1f} "
-                          f"HM {f.test.hm:5.1f}  ({rows[method][-1]['seconds']:.0f} s) {last.diagnostics or ''}")
-        zs = f.zero_shot_test
-        rows["zero-shot"].append({"seed": seed, "base": zs.base, "novel": zs.novel, "hm": zs.hm, "seconds": 0.0})
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            per_seed = pool.starmap(run_seed, [(args, seed, 1) for seed in seeds])
+    else:
+        per_seed = [run_seed(args, seed) for seed in seeds]
+    rows: dict[str, list[dict]] = {}
+    for seed_rows in per_seed:
+        for method, row in seed_rows.items():
+            rows.setdefault(method, []).append(row)
     return rows
+
+
+def run_seed(args, seed: int, threads: int | None = None) -> dict[str, dict]:
+    """Zero-shot and every method on one seed; the seed's features are shared by its methods."""
+    if threads:
+        torch.set_num_threads(threads)
+    rows: dict[str, dict] = {}
+    base_overrides = {"schedule.epochs": args.epochs, **parse_overrides(args.overrides)}
+    prep = None
+    for method in args.methods.split(","):
+        cfg = load_config(None, {**base_overrides, "seed": seed, "method.name": method})
+        prep = prep or prepare(cfg)
+        start = time.perf_counter()
+        last = None
+        for last in fit(cfg, prep):
+            pass
+        f = last.final
+        rows[method] = {"seed": seed, "base": f.test.base, "novel": f.test.novel, "hm": f.test.hm,
+                        "seconds": time.perf_counter() - start, **last.diagnostics}
+        console.print(f"seed {seed} {method:9s} base {f.test.base:5.1f} novel {f.test.novel:5.1f} "
+                      f"HM {f.test.hm:5.1f}  ({rows[method]['seconds']:.0f} s) {last.diagnostics or ''}")
+    zs = f.zero_shot_test
+    return {"zero-shot": {"seed": seed, "base": zs.base, "novel": zs.novel, "hm": zs.hm, "seconds": 0.0}, **rows}
 
 
 def mean_std(values: list[float]) -> str:

@@ -1,0 +1,216 @@
+"""The driver-side Ray Tune callback: one place where trial events become records, the Parquet
+table, MLflow runs and the live view. Ray calls its hooks in the driver process, in the order the
+trial events happen; nothing here runs inside a trial.
+
+Ray pickles this object into the experiment (``tuner.pkl``) when the Tuner is created and
+unpickles it on ``Tuner.restore``: it therefore holds only plain settings, and builds its live
+state (records, MLflow client, rich view) in :meth:`setup`, reading back what an earlier session
+wrote, so nothing is logged twice after a resume.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from gcs_tune.tune.results import TrialRecord, records_from_table, write_table
+from gcs_tune.tune.searcher import is_pruned
+from gcs_tune.tune.study import StudyDir, StudyInfo
+from gcs_tune.tune.tracking import Tracker, flatten
+from gcs_tune.tune.trainable import TrialSetup, trial_config
+from gcs_tune.tune.view import LiveView
+
+log = logging.getLogger(__name__)
+EPOCH_KEYS = ("train_loss", "lr", "base_acc", "novel_acc", "hm", "objective", "feasible", "violation",
+              "diverged", "epoch_seconds", "mean_cos")
+FINAL_FILES = ("prompt.pt", "config.yaml", "final.json")
+
+
+def trial_number(trial) -> int:
+    """0-based order of creation: Ray's experiment tag starts with the 1-based trial counter."""
+    head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+    return int(head) - 1 if head.isdigit() else -1
+
+
+class StudyCallback(Callback):
+    def __init__(self, info: StudyInfo, setup: TrialSetup, live: bool = True):
+        self.info, self.trial_setup, self.live = info, setup, live
+        self._state: dict[str, Any] | None = None  # built in setup(), never pickled
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"info": self.info, "trial_setup": self.trial_setup, "live": self.live, "_state": None}
+
+    # ------------------------------------------------------------ lifecycle
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
+        """Called by Ray once, before the first trial of this session (fresh or resumed)."""
+        study = StudyDir(self.info.storage, self.info.name)
+        records = records_from_table(study)
+        tracker = self._safe(lambda: Tracker(self.info.tracking_uri, self.info.experiment))
+        runs: dict[str, tuple[str, str]] = {}
+        if tracker is not None:
+            tracker.parent_id = self.info.parent_run_id
+            runs = self._safe(tracker.trial_runs) or {}
+        view = LiveView(self.info.name, self.info.trials) if self.live else None
+        if view:
+            view.start()
+        self._state = {"study": study, "records": records, "tracker": tracker, "runs": runs, "view": view}
+
+    @property
+    def records(self) -> dict[str, TrialRecord]:
+        return self._state["records"] if self._state else {}
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        """Called by Ray after every step of its control loop: redraw the view (throttled)."""
+        if self._state and self._state["view"]:
+            self._state["view"].update(list(self.records.values()))
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        """Called by Ray when the last trial is done (not on Ctrl-C: the runner saves then)."""
+        self.close()
+
+    def close(self) -> None:
+        if not self._state:
+            return
+        self.write_table()
+        if self._state["view"]:
+            self._state["view"].stop(list(self.records.values()))
+            self._state["view"] = None
+
+    # ------------------------------------------------------------ trials
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        """Called by Ray each time a trial's actor starts: first run, retry, or resumed run."""
+        old = self.records.get(trial.trial_id)
+        params = dict(trial.config)
+        defaults = self.info.space.get("defaults") or None
+        rec = TrialRecord(trial.trial_id, trial_number(trial), params,
+                          is_default=bool(defaults) and params == defaults,
+                          epochs=int(self.info.base["schedule"]["epochs"]),
+                          failures=old.failures if old else 0)
+        rec.started_at = time.time()
+        self.records[trial.trial_id] = rec
+        tracker = self._state["tracker"]
+        if tracker is not None:
+            stale = self._state["runs"].get(trial.trial_id, ("", ""))[0] or (old.mlflow_run_id if old else "")
+            run_id = self._safe(lambda: tracker.start_trial(
+                trial.trial_id, f"trial-{rec.number:03d}", self._run_params(params),
+                self.info.name, existing=stale or None))
+            rec.mlflow_run_id = run_id or ""
+            self._state["runs"][trial.trial_id] = (rec.mlflow_run_id, "RUNNING")
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        """Called by Ray in the driver for every epoch a trial reports."""
+        rec = self.records.get(trial.trial_id)
+        if rec is None:
+            return
+        rec.epoch = int(result.get("epoch", rec.epoch))
+        rec.epochs = int(result.get("epochs", rec.epochs))
+        rec.started_at = float(result.get("started_at", rec.started_at))
+        rec.train_seconds = sum_seconds(rec, result)
+        rec.metrics = {k: float(v) for k, v in result.items() if _is_metric(k, v)}
+        rec.ended_at = time.time()
+        epoch_metrics = {k: v for k, v in rec.metrics.items() if k in EPOCH_KEYS or k.startswith("frac_")}
+        tracker = self._state["tracker"]
+        if tracker is not None and rec.mlflow_run_id:
+            self._safe(lambda: tracker.log_run(rec.mlflow_run_id, metrics=epoch_metrics, step=rec.epoch))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        """Called by Ray when a trial ends without an error: finished, diverged, or ASHA-stopped."""
+        rec = self.records.get(trial.trial_id)
+        if rec is None:
+            return
+        last = trial.last_result or {}
+        rec.state = "diverged" if last.get("diverged", 0) >= 0.5 else "pruned" if is_pruned(last) else "complete"
+        rec.ended_at = time.time()
+        checkpoint = trial.checkpoint
+        rec.checkpoint = checkpoint.path if checkpoint is not None else ""
+        tracker = self._state["tracker"]
+        if tracker is not None and rec.mlflow_run_id:
+            self._safe(lambda: self._log_final(tracker, rec, checkpoint))
+        self._finished(rec)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        """Called by Ray when a trial raised and will be retried (FailureConfig.max_failures)."""
+        rec = self.records.get(trial.trial_id)
+        if rec is not None:
+            rec.failures += 1
+            rec.error = _error_text(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        """Called by Ray when a trial raised and has no retries left: recorded failed."""
+        rec = self.records.get(trial.trial_id)
+        if rec is None:
+            return
+        rec.state, rec.error, rec.ended_at = "failed", _error_text(trial), time.time()
+        rec.failures += 1
+        tracker = self._state["tracker"]
+        if tracker is not None and rec.mlflow_run_id:
+            self._safe(lambda: (tracker.log_run(rec.mlflow_run_id, tags={"state": "failed", "error": rec.error[-4000:]}),
+                                tracker.finish(rec.mlflow_run_id, "FAILED")))
+        self._finished(rec)
+
+    # ------------------------------------------------------------ helpers
+
+    def _finished(self, rec: TrialRecord) -> None:
+        self._state["runs"][rec.trial_id] = (rec.mlflow_run_id, "FINISHED")
+        self.write_table()
+        if self._state["view"]:
+            self._state["view"].finished(rec)
+
+    def write_table(self) -> None:
+        if self._state and self.records:
+            self._safe(lambda: write_table(list(self.records.values()), self._state["study"]))
+
+    def _run_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Searched values under their short names, every other config value under its key."""
+        cfg = trial_config(self.trial_setup, params)
+        searched = {self.trial_setup.keys[n] for n in params if n in self.trial_setup.keys}
+        fixed = {k: v for k, v in flatten(cfg.to_dict()).items() if k not in searched}
+        return {**params, **fixed}
+
+    def _log_final(self, tracker: Tracker, rec: TrialRecord, checkpoint) -> None:
+        final = {k: v for k, v in rec.metrics.items() if k.startswith("test_")}
+        tracker.log_run(rec.mlflow_run_id, metrics=final, step=rec.epoch,
+                        tags={"state": rec.state, "feasible": bool(rec.metrics.get("feasible", 0) >= 0.5),
+                              "epochs_run": rec.epoch})
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                tracker.log_files(rec.mlflow_run_id, [Path(folder) / f for f in FINAL_FILES])
+        tracker.finish(rec.mlflow_run_id, "FINISHED")
+
+    @staticmethod
+    def _safe(fn):
+        """Tracking must never end the study: an MLflow error is logged and skipped."""
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("tracking: %s: %s", type(exc).__name__, exc)
+            return None
+
+
+def sum_seconds(rec: TrialRecord, result: dict) -> float:
+    """Training time of the current attempt: epoch times add up; epoch 1 starts a new attempt."""
+    secs = float(result.get("epoch_seconds", 0.0))
+    return secs if int(result.get("epoch", 1)) <= 1 else rec.train_seconds + secs
+
+
+def _is_metric(key: str, value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and key not in ("started_at", "epochs", "epoch", "pid", "timestamp", "training_iteration",
+                        "time_this_iter_s", "time_total_s", "time_since_restore", "iterations_since_restore")
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    try:
+        if path and Path(path).is_file():
+            return Path(path).read_text()[-4000:]
+    except OSError:
+        pass
+    err = trial.get_error() if hasattr(trial, "get_error") else None
+    return str(err)[-4000:] if err else "error"

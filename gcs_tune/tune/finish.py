@@ -1,0 +1,160 @@
+"""After ``Tuner.fit`` returns (finished or Ctrl-C): the plots, the parent run's summary, and what
+the user reads last -- the best feasible trial, where everything went, the ``mlflow ui`` command.
+Also the CoOp reference's own MLflow run, logged before the study starts."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.markup import escape
+
+from gcs_tune.tune.plots import make_plots
+from gcs_tune.tune.results import TABLE, TERMINAL, Winner, read_table, select_winner
+from gcs_tune.tune.study import StudyDir, StudyInfo
+from gcs_tune.tune.tracking import Tracker, flatten
+
+console = Console(soft_wrap=True)  # long lines (paths, commands) must stay copyable
+
+
+@dataclass(frozen=True)
+class Outcome:
+    study: StudyDir
+    info: StudyInfo
+    done: int  # trials in a terminal state
+    interrupted: bool
+    winner: Winner | None
+    started_at: float  # unix time Tuner.fit started in this session
+    seconds: float  # its wall time
+
+    @property
+    def exit_code(self) -> int:
+        return 130 if self.interrupted else 0
+
+
+def mlflow_ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def log_reference(tracker: Tracker, info: StudyInfo, epochs: list[dict[str, float]]) -> dict[str, Any]:
+    """The CoOp reference as its own run (role=reference), linked to the study's parent run."""
+    last = epochs[-1]
+    run_id = tracker.side_run("reference", "coop-reference", info.name)
+    tracker.log_run(run_id, params={**flatten(info.base), "method.name": "coop", "objective.floor": "none"})
+    for m in epochs:
+        tracker.log_run(run_id, metrics={k: v for k, v in m.items() if k not in ("epochs", "started_at", "epoch")},
+                        step=int(m["epoch"]))
+    diverged = last.get("diverged", 0.0) >= 0.5
+    tracker.log_run(run_id, tags={"diverged": diverged})
+    tracker.finish(run_id, "FAILED" if diverged else "FINISHED")
+    tracker.log_run(tracker.parent_id, tags={"gcs_tune.reference_run_id": run_id})
+    return {"run_id": run_id, "base_acc": last["base_acc"], "novel_acc": last["novel_acc"], "hm": last["hm"],
+            "epochs": int(last["epoch"]), "diverged": diverged}
+
+
+def finish_study(study: StudyDir, info: StudyInfo, started_at: float) -> Outcome:
+    """Summarise the study as it stands (complete or interrupted) in MLflow and on the terminal."""
+    seconds = time.time() - started_at
+    frame = read_table(study)
+    done = int(frame["state"].isin(TERMINAL).sum()) if not frame.empty else 0
+    interrupted = done < info.trials
+    winner = select_winner(frame)
+    floor = _floor(info)
+    log_names = [n for n, p in info.space["params"].items() if p["type"] == "loguniform" or p.get("log")]
+    plots = make_plots(frame, study.local / "plots", floor, log_names) if not frame.empty else []
+    for p in plots:
+        study.upload(f"plots/{p.name}")
+    _log_parent(info, study, frame, winner, plots, interrupted, seconds)
+    _print_summary(info, study, frame, winner, interrupted, done, seconds)
+    return Outcome(study, info, done, interrupted, winner, started_at, seconds)
+
+
+def _floor(info: StudyInfo) -> float | None:
+    obj = info.base["objective"]
+    if obj["floor"] in ("absolute", "reference") and obj.get("value") is not None:
+        return max(0.0, obj["value"] - (obj["tolerance"] if obj["floor"] == "reference" else 0.0))
+    return None
+
+
+def _log_parent(info, study, frame, winner, plots, interrupted, seconds) -> None:
+    tracker = Tracker(info.tracking_uri, info.experiment)
+    tracker.parent_id = info.parent_run_id
+    optuna_file = study.local / "optuna.yaml"
+    metrics = {"trials_done": float(len(frame)), "search_seconds": seconds}
+    if _floor(info) is not None:
+        metrics["base_floor"] = _floor(info)
+    tags: dict[str, Any] = {"state": "interrupted" if interrupted else "finished"}
+    if not frame.empty:
+        for state in TERMINAL:
+            metrics[f"trials_{state}"] = float((frame["state"] == state).sum())
+    if winner is not None:
+        row = winner.row
+        metrics.update(best_hm=row["hm"], best_base_acc=row["base_acc"], best_novel_acc=row["novel_acc"],
+                       best_objective=row["objective"])
+        tags.update(best_trial=int(row["number"]), best_feasible=winner.feasible,
+                    best_params=json.dumps({k[6:]: _plain(v) for k, v in row.items() if k.startswith("param.")}))
+    if optuna_file.is_file():
+        best = (yaml.safe_load(optuna_file.read_text()) or {}).get("best")
+        tags["optuna_best"] = json.dumps(best)[:4000] if best else "none feasible"
+    tracker.log_run(info.parent_run_id, metrics={k: v for k, v in metrics.items() if _finite(v)}, tags=tags)
+    files = [study.local / n for n in ("study.yaml", TABLE, "optuna.yaml")] + list(plots)
+    tracker.log_files(info.parent_run_id, [f for f in files if f.suffix != ".png"])
+    tracker.log_files(info.parent_run_id, [f for f in files if f.suffix == ".png"], "plots")
+    tracker.finish(info.parent_run_id, "KILLED" if interrupted else "FINISHED")
+
+
+def _print_summary(info, study, frame, winner, interrupted, done, seconds) -> None:
+    console.rule(f"study {info.name}")
+    counts = ", ".join(f"{(frame['state'] == s).sum()} {s}" for s in TERMINAL) if not frame.empty else "no trials"
+    console.print(f"{done}/{info.trials} trials done in {seconds:.0f} s ({counts})")
+    if info.reference:
+        ref = info.reference
+        console.print(f"CoOp reference (validation): base {ref['base_acc']:.2f}, novel {ref['novel_acc']:.2f}, "
+                      f"HM {ref['hm']:.2f}; base floor {_floor(info):.2f}")
+    if winner is None:
+        console.print("[yellow]no trial finished all its epochs yet[/]")
+    else:
+        console.print(describe_trial("best feasible trial" if winner.feasible else
+                                     "[bold red]NO TRIAL MET THE BASE FLOOR[/] -- least violation", winner.row))
+    default = frame[frame["is_default"]] if not frame.empty else frame
+    if not default.empty:
+        console.print(describe_trial("defaults (enqueued first)", default.iloc[0].to_dict()))
+    console.print(f"study folder:  {study.ray_path}")
+    console.print(f"trials table:  {study.ray_path}/{TABLE}")
+    console.print(f"MLflow:        {info.tracking_uri} (experiment {info.experiment!r})")
+    console.print(f"compare trials: [bold]{mlflow_ui_command(info.tracking_uri)}[/]")
+    if interrupted:
+        console.print(f"[yellow]interrupted[/]: resume with [bold]python -m gcs_tune.search --resume "
+                      f"--name {info.name} --storage {info.storage}[/]")
+    else:
+        console.print(f"retrain the winner: [bold]python -m gcs_tune.best --storage {info.storage} "
+                      f"--name {info.name} --export[/]")
+
+
+def describe_trial(label: str, row: dict) -> str:
+    params = " ".join(escape(f"{k[6:]}={_short(v)}") for k, v in row.items() if k.startswith("param.") and _present(v))
+    test = (f"; test HM {row['test_hm']:.2f} (reported, not selected on)"
+            if _present(row.get("test_hm")) else "")
+    return (f"{label}: trial {int(row['number'])} ({row['state']}) validation HM {row['hm']:.2f} "
+            f"(base {row['base_acc']:.2f}, novel {row['novel_acc']:.2f}){test}  {params}")
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _present(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _plain(v: Any) -> Any:
+    v = v.item() if hasattr(v, "item") else v
+    return None if isinstance(v, float) and math.isnan(v) else v

@@ -1,0 +1,138 @@
+"""The results table: one row per trial, written as Parquet beside the Ray results, and the rule
+that picks the winner. No Ray, no MLflow: ``gcs_tune.best`` reads studies with this alone.
+
+States: ``running``, ``complete`` (all epochs), ``pruned`` (stopped early by the scheduler),
+``diverged`` (loss went NaN/inf: finite worst objective), ``failed`` (raised, retries exhausted).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gcs_tune.tune.study import StudyDir
+
+TABLE = "trials.parquet"
+FINAL_KEYS = ("base_acc", "novel_acc", "hm", "objective", "feasible", "violation",
+              "test_base_acc", "test_novel_acc", "test_hm")
+TERMINAL = ("complete", "pruned", "diverged", "failed")
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    number: int  # order of creation in the study (0 = the enqueued defaults)
+    params: dict[str, Any]
+    state: str = "running"
+    is_default: bool = False
+    epoch: int = 0  # epochs reported
+    epochs: int = 0  # epochs planned
+    metrics: dict[str, float] = field(default_factory=dict)  # last reported values
+    started_at: float = math.nan  # unix time the trial's last attempt started training
+    ended_at: float = math.nan
+    train_seconds: float = 0.0  # sum of epoch times of the last attempt
+    failures: int = 0
+    error: str = ""
+    mlflow_run_id: str = ""
+    checkpoint: str = ""
+
+    def row(self) -> dict[str, Any]:
+        row = {k: v for k, v in asdict(self).items() if k not in ("params", "metrics")}
+        row["duration_s"] = self.ended_at - self.started_at
+        row["params_json"] = json.dumps(self.params, sort_keys=True)  # exact values, None included
+        row.update({f"param.{k}": v for k, v in self.params.items()})
+        row.update({k: self.metrics.get(k, math.nan) for k in FINAL_KEYS})
+        return row
+
+
+def write_table(records: list[TrialRecord], study: StudyDir) -> Path:
+    """Atomically (re)write the study's ``trials.parquet``; parameters as ``param.<name>`` columns."""
+    rows = [r.row() for r in sorted(records, key=lambda r: r.number)]
+    frame = pd.DataFrame(rows)
+    for col in (c for c in frame.columns if c.startswith("param.")):
+        if frame[col].map(type).nunique() > 1:  # e.g. choice of [str, None]: keep one Arrow type
+            frame[col] = frame[col].map(lambda v: None if v is None else str(v))
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buf)
+    return study.write(TABLE, buf.getvalue())
+
+
+def read_table(study: StudyDir) -> pd.DataFrame:
+    raw = study.read(TABLE)
+    return pd.read_parquet(io.BytesIO(raw)) if raw else pd.DataFrame()
+
+
+def records_from_table(study: StudyDir) -> dict[str, TrialRecord]:
+    """Rebuild the records of an earlier session (``--resume``)."""
+    frame = read_table(study)
+    out: dict[str, TrialRecord] = {}
+    for row in frame.to_dict("records"):
+        params = trial_params(row)
+        metrics = {k: row[k] for k in FINAL_KEYS if k in row and not _missing(row[k])}
+        rec = TrialRecord(trial_id=row["trial_id"], number=int(row["number"]), params=params)
+        for name in ("state", "is_default", "epoch", "epochs", "started_at", "ended_at", "train_seconds",
+                     "failures", "error", "mlflow_run_id", "checkpoint"):
+            if name in row:
+                setattr(rec, name, _plain(row[name]))
+        rec.metrics = metrics
+        out[rec.trial_id] = rec
+    return out
+
+
+def trial_params(row: dict[str, Any]) -> dict[str, Any]:
+    """The sampled values of a table row, exactly (inactive conditional parameters absent)."""
+    if row.get("params_json"):
+        return json.loads(row["params_json"])
+    return {k[6:]: _plain(v) for k, v in row.items() if k.startswith("param.") and not _missing(v)}
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+# ---------------------------------------------------------------- the winner
+
+
+@dataclass(frozen=True)
+class Winner:
+    row: dict[str, Any]
+    feasible: bool  # False: nothing met the floor; this is the least violating trial
+
+
+def select_winner(frame: pd.DataFrame) -> Winner | None:
+    """Feasible first, then validation HM, ties by base accuracy; if no trial is feasible, the
+    least violation (then HM). Only trials that ran all their epochs compete: a pruned trial's
+    numbers are from an earlier epoch, a diverged or failed one has none."""
+    if frame.empty:
+        return None
+    done = frame[frame["state"] == "complete"]
+    if done.empty:
+        return None
+    feasible = done[done["feasible"] >= 0.5]
+    if not feasible.empty:
+        best = feasible.sort_values(["hm", "base_acc", "number"], ascending=[False, False, True]).iloc[0]
+        return Winner(best.to_dict(), True)
+    best = done.sort_values(["violation", "hm", "number"], ascending=[True, False, True]).iloc[0]
+    return Winner(best.to_dict(), False)
+
+
+def best_so_far(records: list[TrialRecord]) -> TrialRecord | None:
+    """The live view's leader by the same rule, over finished trials."""
+    done = [r for r in records if r.state == "complete"]
+    if not done:
+        return None
+    return max(done, key=lambda r: (r.metrics.get("feasible", 0.0) >= 0.5,
+                                    r.metrics.get("hm", 0.0) if r.metrics.get("feasible", 0.0) >= 0.5
+                                    else -r.metrics.get("violation", math.inf),
+                                    r.metrics.get("base_acc", 0.0)))

@@ -1,0 +1,196 @@
+"""One study from start (or resume) to its summary: validate, connect, plan resources, fill the
+feature cache, run the CoOp reference, then Ray Tune with the Optuna searcher, ASHA and the
+driver-side callback. ``gcs_tune.search`` is the command line around :func:`run_search`."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from gcs_tune.config import ConfigError
+from gcs_tune.tune import cluster
+from gcs_tune.tune.callbacks import StudyCallback
+from gcs_tune.tune.finish import Outcome, finish_study, log_reference
+from gcs_tune.tune.searcher import build_searcher
+from gcs_tune.tune.space import Space, SpaceFile, load_space
+from gcs_tune.tune.study import StudyDir, StudyInfo, absolute_paths, is_shared, is_uri, latest_study, resolve_storage
+from gcs_tune.tune.tracking import Tracker, default_tracking_uri, is_server_uri
+from gcs_tune.tune.trainable import TrialSetup, run_reference, train_trial
+
+log = logging.getLogger(__name__)
+DEFAULT_STORAGE = "searches"
+
+
+@dataclass
+class SearchOptions:
+    space: str | None = None
+    gpus: float | None = None  # None: every GPU of the cluster (0 on a CPU machine)
+    trials: int | None = None
+    address: str | None = None
+    storage: str = DEFAULT_STORAGE
+    tracking_uri: str | None = None
+    name: str | None = None
+    resume: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+    live: bool = True
+    progress: Callable | None = None  # progress bar for the feature cache
+
+
+def run_search(opts: SearchOptions, trainable: Callable = train_trial) -> Outcome:
+    """Run (or resume) a study; returns where things went and whether it was interrupted."""
+    storage = resolve_storage(opts.storage)
+    study, info, space = _open_study(opts, storage)
+    started = cluster.connect(opts.address)
+    try:
+        gpus = info.gpus if info else opts.gpus
+        res = space.spec.resources
+        plan = cluster.plan(gpus, res.gpus_per_trial, res.cpus_per_trial, res.max_concurrent)
+        tracking = (info.tracking_uri if info else opts.tracking_uri) or _default_tracking(study, storage)
+        _check_cluster(plan, storage, tracking)
+        cluster.warm_caches([space.base.to_dict()], opts.progress)
+        if info is None:
+            info = _new_study(study, space, opts, storage, plan, tracking)
+        else:  # resumed: the parent run is live again until the study ends
+            Tracker(info.tracking_uri, info.experiment).open_study(info.name, info.parent_run_id, {})
+        if info.reference_pending:
+            _reference(study, info, space, plan)
+        setup = TrialSetup(base=info.base, keys=space.keys(), threads=max(1, int(info.resources["cpu"])),
+                           device="cpu" if info.gpus == 0 else None)
+        start = time.time()
+        _fit(study, info, space, setup, trainable, plan, opts.live)
+        return finish_study(study, info, start)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _open_study(opts: SearchOptions, storage: str) -> tuple[StudyDir, StudyInfo | None, Space]:
+    if opts.resume:
+        name = opts.name or latest_study(storage)
+        if not name:
+            raise ConfigError(f"--resume: no study in {storage}; pass --name and --storage of the study")
+        study = StudyDir(storage, name)
+        info = StudyInfo.load(study)
+        if opts.trials is not None and opts.trials != info.trials or opts.overrides or opts.space:
+            raise ConfigError("--resume continues the saved study as it was: drop --space, --trials and "
+                              "key=value overrides (start a new --name to change them)")
+        spec = SpaceFile.model_validate(info.space)
+        return study, info, Space(spec, info.base_config(), info.space_path, "", False)
+    if not opts.space:
+        raise ConfigError("--space FILE is required (e.g. search_spaces/demo.yaml), or --resume")
+    space = load_space(opts.space, opts.overrides, opts.trials)
+    space.base = absolute_paths(space.base)
+    name = opts.name or f"{Path(opts.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    study = StudyDir(storage, name)
+    if study.exists() or (not study.remote and study.local.exists() and any(study.local.iterdir())):
+        raise ConfigError(f"study {name!r} already exists in {storage}: --resume --name {name} to finish it, "
+                          f"or choose another --name")
+    return study, None, space
+
+
+def _default_tracking(study: StudyDir, storage: str) -> str:
+    if is_uri(storage):
+        raise ConfigError(f"--storage {storage} is a URI: give --tracking-uri (an MLflow server URI)")
+    return default_tracking_uri(study.local)
+
+
+def _check_cluster(plan: cluster.Plan, storage: str, tracking: str) -> None:
+    if plan.nodes <= 1:
+        return
+    if not is_shared(storage):
+        raise ConfigError(f"the Ray cluster has {plan.nodes} nodes but --storage {storage} is a local path: "
+                          f"give shared storage (an NFS path or s3://...) that every node can write")
+    if not is_server_uri(tracking):
+        raise ConfigError(f"the Ray cluster has {plan.nodes} nodes: --tracking-uri must be an MLflow server "
+                          f"(http://host:5000), not {tracking}")
+
+
+def _new_study(study: StudyDir, space: Space, opts: SearchOptions, storage: str, plan: cluster.Plan,
+               tracking: str) -> StudyInfo:
+    """Create the study folder, the parent MLflow run and study.yaml (before anything long runs,
+    so an interrupted start can be resumed)."""
+    study.local.mkdir(parents=True, exist_ok=True)
+    artifacts = (study.local / "mlartifacts").resolve().as_uri() if tracking.startswith("sqlite:") else None
+    tracker = Tracker(tracking, study.name, artifacts)
+    info = StudyInfo(name=study.name, storage=storage, space_path=space.source, space=space.spec.model_dump(),
+                     base=space.base.to_dict(), overrides=opts.overrides, trials=space.spec.trials,
+                     gpus=plan.gpus, resources=plan.resources, max_concurrent=plan.max_concurrent,
+                     tracking_uri=tracking, experiment=study.name)
+    info.parent_run_id = tracker.open_study(study.name, None, {"gcs_tune.space": Path(space.source).name})
+    study.write("space.yaml", space.text)
+    tracker.log_files(info.parent_run_id, [study.local / "space.yaml"])
+    info.reference_pending = space.needs_reference
+    info.save(study)
+    obj = info.base["objective"]
+    tracker.log_run(info.parent_run_id, params={
+        **({} if space.needs_reference else {f"objective.{k}": v for k, v in obj.items()}),
+        "trials": info.trials, "gpus": info.gpus, "gpus_per_trial": plan.resources.get("gpu", 0),
+        "cpus_per_trial": plan.resources["cpu"], "max_concurrent": plan.max_concurrent,
+        "scheduler": space.spec.scheduler.type, "searcher": f"optuna TPE seed {space.spec.seed}",
+        "method": space.base.method.name, "space": Path(space.source).name})
+    return info
+
+
+def _reference(study: StudyDir, info: StudyInfo, space: Space, plan: cluster.Plan) -> None:
+    """Train the CoOp reference with the study's budget (as a Ray task with a trial's resources),
+    log it as its own run, and make its validation base accuracy the floor's reference value."""
+    tracker = Tracker(info.tracking_uri, info.experiment)
+    tracker.parent_id = info.parent_run_id
+    device = "cpu" if info.gpus == 0 else None
+    epochs = cluster.run_task(run_reference, info.resources, info.base, device, int(info.resources["cpu"]))
+    info.reference = log_reference(tracker, info, epochs)
+    info.base["objective"]["value"] = info.reference["base_acc"]
+    info.reference_pending = False
+    space.base = info.base_config()
+    info.save(study)
+    obj = info.base["objective"]
+    tracker.log_run(info.parent_run_id, params={f"objective.{k}": v for k, v in obj.items()},
+                    metrics={"reference_base_acc": info.reference["base_acc"],
+                             "reference_novel_acc": info.reference["novel_acc"], "reference_hm": info.reference["hm"]})
+
+
+def _scheduler(space: Space, epochs: int):
+    sch = space.spec.scheduler
+    if sch.type == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(sch.grace_period, epochs),
+                         reduction_factor=sch.reduction_factor)
+
+
+def trial_dirname(trial) -> str:
+    """Short trial folder names (Ray's default spells out every parameter)."""
+    return f"trial_{trial.trial_id}"
+
+
+def _fit(study: StudyDir, info: StudyInfo, space: Space, setup: TrialSetup, trainable: Callable,
+         plan: cluster.Plan, live: bool) -> None:
+    wrapped = tune.with_resources(tune.with_parameters(trainable, setup=setup), info.resources)
+    if tune.Tuner.can_restore(study.ray_path):
+        tuner = tune.Tuner.restore(study.ray_path, wrapped, resume_errored=True)
+    else:
+        callback = StudyCallback(info, setup, live=live)
+        searcher = build_searcher(space, info.max_concurrent, str(study.local / "optuna.yaml"))
+        tuner = tune.Tuner(
+            wrapped,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(space, space.base.schedule.epochs),
+                                        num_samples=info.trials, metric="objective", mode="max",
+                                        trial_dirname_creator=trial_dirname, reuse_actors=True),
+            run_config=tune.RunConfig(name=info.name, storage_path=info.storage, callbacks=[callback], verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=space.spec.failure.max_failures)))
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Ray's own status table would fight the live view
+    tuner.fit()
+
+
+def remove_study(study: StudyDir) -> None:
+    """Delete a local study folder (tests, scripts)."""
+    if not study.remote and study.local.exists():
+        shutil.rmtree(study.local)

@@ -1,0 +1,121 @@
+"""MLflow, written only by the driver (the only module that imports mlflow).
+
+One experiment per study, a parent run for the study, one child run per trial (tag
+``mlflow.parentRunId``) keyed by its Ray trial id, the CoOp reference and the export as their
+own runs linked to the study by tags. Idempotent across ``--resume``: runs are found again by
+tag; a trial that restarts (retry, resume) replaces its unfinished run instead of logging its
+epochs twice. sqlite allows one writer, which is why trials never log themselves.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # research clusters are often offline
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+log = logging.getLogger(__name__)
+TAG_STUDY, TAG_ROLE, TAG_TRIAL = "gcs_tune.study", "gcs_tune.role", "gcs_tune.trial_id"
+TAG_STUDY_RUN, TAG_PARENT = "gcs_tune.study_run_id", "mlflow.parentRunId"
+
+
+def default_tracking_uri(study_dir: Path) -> str:
+    """An absolute sqlite store in the study folder (MLflow 3.13+ refuses ./mlruns)."""
+    return f"sqlite:///{Path(study_dir).resolve() / 'mlflow.db'}"
+
+
+def is_server_uri(uri: str) -> bool:
+    return uri.split(":", 1)[0] in ("http", "https", "databricks")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.update(flatten(v, f"{key}.") if isinstance(v, dict) else {key: v})
+    return out
+
+
+class Tracker:
+    """A thin MlflowClient wrapper bound to one study's experiment and parent run."""
+
+    def __init__(self, uri: str, experiment: str, artifact_root: str | None = None):
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:  # artifacts beside the study, absolute: sqlite's default is ./mlartifacts of the CWD
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
+        self.parent_id: str | None = None
+
+    # ------------------------------------------------------------ runs of the study
+
+    def open_study(self, name: str, run_id: str | None, tags: dict[str, str]) -> str:
+        """Create the study's parent run, or reopen it on resume. Returns its id."""
+        if run_id:
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=name,
+                                         tags={TAG_STUDY: name, TAG_ROLE: "study", **tags})
+            run_id = run.info.run_id
+        self.parent_id = run_id
+        return run_id
+
+    def log_run(self, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+                step: int | None = None, tags: dict[str, str] | None = None) -> None:
+        now = int(time.time() * 1000)
+        m = [Metric(k, float(v), now, step or 0) for k, v in (metrics or {}).items()]
+        p = [Param(k, _param_text(v)) for k, v in (params or {}).items()]
+        t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(m), len(p), len(t), 1), 100):  # MLflow's batch limit is 100 params
+            self.client.log_batch(run_id, metrics=m[i:i + 100], params=p[i:i + 100], tags=t[i:i + 100])
+
+    def log_files(self, run_id: str, paths: Iterable[Path], folder: str | None = None) -> None:
+        for path in paths:
+            if Path(path).is_file():
+                self.client.log_artifact(run_id, str(path), folder)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def side_run(self, role: str, name: str, study: str, tags: dict[str, str] | None = None) -> str:
+        """A run linked to the study but not one of its trials (the reference, an export)."""
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={
+            TAG_STUDY: study, TAG_ROLE: role, TAG_STUDY_RUN: self.parent_id or "", **(tags or {})})
+        return run.info.run_id
+
+    # ------------------------------------------------------------ trials
+
+    def trial_runs(self) -> dict[str, tuple[str, str]]:
+        """Ray trial id -> (run id, status) of the parent's live child runs."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{TAG_PARENT}` = '{self.parent_id}'",
+                                       max_results=50000)
+        return {r.data.tags.get(TAG_TRIAL, ""): (r.info.run_id, r.info.status) for r in runs}
+
+    def start_trial(self, trial_id: str, run_name: str, params: dict[str, Any], study: str,
+                    existing: str | None = None) -> str:
+        """A fresh child run for a trial attempt; an unfinished run of an earlier attempt is
+        deleted first, so its epochs are not logged twice."""
+        if existing:
+            self.client.delete_run(existing)
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
+            TAG_PARENT: self.parent_id, TAG_TRIAL: trial_id, TAG_STUDY: study, TAG_ROLE: "trial"})
+        self.log_run(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def is_finished(self, status: str) -> bool:
+        return status in (RunStatus.to_string(RunStatus.FINISHED), RunStatus.to_string(RunStatus.FAILED))
+
+
+def _param_text(value: Any) -> str:
+    text = "null" if value is None else str(value)
+    return text[:6000]

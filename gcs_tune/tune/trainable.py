@@ -1,0 +1,120 @@
+"""The Ray Tune trainable: a few lines around the engine's ``fit``.
+
+``train_trial`` runs in a Ray worker process, once per trial attempt. It rebuilds the trial's run
+config from the base config and the sampled parameters, trains with ``fit`` (which reads the
+frozen image features from the on-disk cache the driver filled), and reports every epoch. Every
+report carries a finite ``objective``, ``hm``, ``base_acc``, ``novel_acc``, ``feasible`` and
+``violation`` -- a missing or NaN objective would abort the search or leave the Optuna trial
+stuck RUNNING. The last epoch also reports a checkpoint holding the learned prompt, the resolved
+config and the final metrics, which Ray persists to the study's storage for the driver to log.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gcs_tune.config import RunConfig, build_config, dump_config
+from gcs_tune.engine import EpochResult, fit
+from gcs_tune.objective import worst
+from gcs_tune.prepare import Prepared, prepare
+
+REQUIRED = ("objective", "hm", "base_acc", "novel_acc", "feasible", "violation")
+_PREPARED: dict[str, Any] = {}  # one Prepared per worker process, reused by the trials it runs
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial shares, passed by Ray with ``tune.with_parameters``."""
+
+    base: dict[str, Any]  # the base run config tree, paths absolute, objective.value filled in
+    keys: dict[str, str]  # searched short name -> dotted run config key
+    threads: int = 1  # torch CPU threads of one trial (its CPU share)
+    device: str | None = None  # "cpu" when the search has no GPUs (--gpus 0)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def trial_config(setup: TrialSetup, params: dict[str, Any]) -> RunConfig:
+    """The run config of one trial: the base plus the sampled values under their config keys."""
+    overrides = {setup.keys[name]: value for name, value in params.items() if name in setup.keys}
+    if setup.device:
+        overrides["backbone.device"] = setup.device
+    return build_config(setup.base, overrides, source="<trial>")
+
+
+def epoch_metrics(res: EpochResult, cfg: RunConfig, started_at: float) -> dict[str, float]:
+    """``res.metrics()`` made safe to report: required keys finite (a non-finite one marks the
+    trial diverged with the worst objective), other non-finite values dropped."""
+    raw = res.metrics()
+    out = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    if any(k not in out for k in REQUIRED):
+        bad = worst(cfg.objective.penalty)
+        out.update(objective=bad.value, hm=0.0, base_acc=0.0, novel_acc=0.0, feasible=0.0,
+                   violation=bad.violation, diverged=1.0)
+    out.update(epochs=float(cfg.schedule.epochs), started_at=started_at)
+    return out
+
+
+def write_outputs(folder: Path, cfg: RunConfig, res: EpochResult, metrics: dict) -> None:
+    """prompt.pt, config.yaml and final.json of a finished trial into ``folder``."""
+    dump_config(cfg, folder / "config.yaml")
+    (folder / "final.json").write_text(json.dumps(metrics, indent=2))
+    if res.final is not None:
+        torch.save(res.final.prompt, folder / "prompt.pt")
+
+
+def prepare_key(cfg: RunConfig) -> str:
+    """What ``prepare`` reads: data, backbone, seed and the hand-crafted prompt. Trials differing
+    only in method, optimiser, schedule or context share one Prepared."""
+    tree = cfg.to_dict()
+    return json.dumps({"data": tree["data"], "backbone": tree["backbone"], "seed": tree["seed"],
+                       "template": tree["prompt"]["zero_shot_template"]}, sort_keys=True)
+
+
+def prepared(cfg: RunConfig) -> Prepared:
+    """``prepare(cfg)``, kept for the next trial of this worker (Ray reuses trial actors)."""
+    key = prepare_key(cfg)
+    if key not in _PREPARED:
+        _PREPARED.clear()
+        _PREPARED[key] = prepare(cfg)
+    return _PREPARED[key]
+
+
+def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """Ray Tune function trainable: called by Ray in a worker, once per trial attempt.
+
+    A retried or resumed trial starts again from epoch 1 (the lab and cached-feature runs are
+    short); Ray's ``training_iteration`` may then run ahead of ``epoch``, so ASHA uses ``epoch``."""
+    from ray import tune
+
+    torch.set_num_threads(max(1, setup.threads))
+    cfg = trial_config(setup, config)
+    started_at = time.time()
+    prep = prepared(cfg)
+    for res in fit(cfg, prep):
+        metrics = epoch_metrics(res, cfg, started_at)
+        if res.final is None and not res.diverged:
+            tune.report(metrics)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            write_outputs(Path(tmp), cfg, res, metrics)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def run_reference(base: dict[str, Any], device: str | None, threads: int) -> list[dict[str, float]]:
+    """Train the CoOp reference (GCSCoOp with rho = 0 is CoOp) with the study's budget; the
+    per-epoch metrics, the last one with the final validation base accuracy. Runs as a Ray task
+    with a trial's resources, before the study starts."""
+    torch.set_num_threads(max(1, threads))
+    overrides = {"method.name": "coop", "objective.floor": "none", "objective.value": None}
+    if device:
+        overrides["backbone.device"] = device
+    cfg = build_config(base, overrides, source="<reference>")
+    started_at = time.time()
+    return [epoch_metrics(res, cfg, started_at) for res in fit(cfg)]

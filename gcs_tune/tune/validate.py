@@ -1,0 +1,113 @@
+"""Checks of a search space against the run config, before Ray starts: bounds that name other
+parameters, every end of every range (and their combinations) giving a valid run config,
+``method.*`` parameters only for methods that have them, defaults inside the space."""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from gcs_tune.config import ConfigError, RunConfig
+from gcs_tune.methods.table import METHODS
+from gcs_tune.tune.space import _MISSING, Param, Space, SpaceFile, SpaceSampler
+
+
+def check_params(spec: SpaceFile, base: RunConfig, source: str) -> None:
+    ranges: dict[str, tuple[float, float]] = {}
+    seen: set[str] = set()
+    for name, p in spec.params.items():
+        where = f"{source}: params.{name}"
+        for ref in (b for b in (p.low, p.high) if isinstance(b, str)):
+            if ref not in ranges:
+                raise ConfigError(f"{where}: bound {ref!r} is not an earlier numeric parameter")
+        for ref in (p.when or {}):
+            if ref not in seen:
+                raise ConfigError(f"{where}.when: {ref!r} is not an earlier parameter")
+        rng = p.numeric_range(ranges)
+        if rng is not None and p.type != "choice" and rng[0] >= rng[1] and p.type != "int":
+            raise ConfigError(f"{where}: empty range: low can reach {rng[0]}, high is {rng[1]}")
+        _check_knob(name, p, spec, base, where)
+        if rng is not None:
+            ranges[name] = rng
+        seen.add(name)
+    for label, values in _corners(spec):
+        try:
+            base.replace(**{spec.params[n].key: v for n, v in values.items()})
+        except ConfigError as exc:
+            shown = ", ".join(f"{n}={v!r}" for n, v in values.items())
+            reason = "; ".join(line.removeprefix("<replace>: ") for line in str(exc).splitlines())
+            raise ConfigError(f"{source}: params at {label} ({shown}) give an invalid run config: {reason}") from None
+    _check_defaults(spec, base, source)
+
+
+def _corners(spec: SpaceFile):
+    """Assignments that reach every end of every range: all lows, all highs, and each choice
+    value with the others low. Dependent bounds resolve against the values assigned so far."""
+    choices = [(n, v) for n, p in spec.params.items() if p.type == "choice" for v in p.values]
+    for label, pinned, side in ([("their low ends", None, 0), ("their high ends", None, 1)]
+                                + [(f"{n}={v!r}", (n, v), 0) for n, v in choices]):
+        values: dict[str, Any] = {}
+        for name, p in spec.params.items():
+            if p.when and not all(values.get(k, _MISSING) in allowed for k, allowed in p.when.items()):
+                continue
+            if pinned and pinned[0] == name:
+                values[name] = pinned[1]
+            elif p.type == "choice":
+                values[name] = p.values[-side]
+            else:
+                lo = values[p.low] if isinstance(p.low, str) else p.low
+                hi = values[p.high] if isinstance(p.high, str) else p.high
+                values[name] = (int(lo), int(hi))[side] if p.type == "int" else (float(lo), float(hi))[side]
+        yield label, values
+
+
+def _possible_methods(p: Param, spec: SpaceFile, base: RunConfig) -> set[str]:
+    searched = next((q for q in spec.params.values() if q.key == "method.name"), None)
+    methods = set(searched.values) if searched is not None else {base.method.name}
+    for ref, allowed in (p.when or {}).items():
+        if spec.params[ref].key == "method.name":
+            methods &= set(allowed)
+    return methods
+
+
+def _check_knob(name: str, p: Param, spec: SpaceFile, base: RunConfig, where: str) -> None:
+    section, _, knob = p.key.partition(".")
+    if section != "method" or knob == "name":
+        return
+    for method in sorted(_possible_methods(p, spec, base)):
+        if method in METHODS and knob not in METHODS[method].knobs:
+            has = ", ".join(METHODS[method].knobs) or "none"
+            raise ConfigError(f"{where}: method {method!r} has no parameter {knob!r} (it has: {has}); "
+                              f"search it only with a method that uses it (when: {{method: [...]}})")
+
+
+def _check_defaults(spec: SpaceFile, base: RunConfig, source: str) -> None:
+    if not spec.defaults:
+        return
+    values = dict(spec.defaults)
+    for name in values:
+        if name not in spec.params:
+            raise ConfigError(f"{source}: defaults.{name}: not a searched parameter")
+    try:
+        from optuna.trial import FixedTrial  # the tune package may import optuna
+
+        with warnings.catch_warnings():  # out-of-range values are reported below, as errors
+            warnings.simplefilter("ignore")
+            sampled = SpaceSampler(spec.params)(FixedTrial(values))
+        for name, value in sampled.items():
+            _check_in_range(name, spec.params[name], value, sampled)
+        Space(spec, base, source, "").apply(sampled)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: defaults: {exc}") from None
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"{source}: defaults: {exc}") from None
+
+
+def _check_in_range(name: str, p: Param, value: Any, values: dict[str, Any]) -> None:
+    if p.type == "choice":
+        if value not in p.values:
+            raise ValueError(f"{name}={value!r} is not one of {p.values}")
+        return
+    lo = values[p.low] if isinstance(p.low, str) else p.low
+    hi = values[p.high] if isinstance(p.high, str) else p.high
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={value!r} is outside [{lo}, {hi}]")

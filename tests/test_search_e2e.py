@@ -1,0 +1,172 @@
+"""The search end to end on the lab, CPU, real Ray (started once for this module), real Optuna,
+real MLflow sqlite store: 4 short trials leave 4 child runs under one parent and 4 Parquet rows;
+a diverging trial and a raising trial end recorded (diverged / failed) while the study goes on;
+--gpus 8 on a machine without GPUs stops at once; best --export writes a YAML gcs_tune.train runs."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+ray = pytest.importorskip("ray")
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from gcs_tune import best, search, train  # noqa: E402
+from gcs_tune.tune.results import read_table, select_winner  # noqa: E402
+from gcs_tune.tune.study import StudyDir, StudyInfo  # noqa: E402
+
+CACHE = Path(tempfile.gettempdir()) / "gcs_tune_test_features"  # shared by test modules; keyed, safe
+
+
+def fast_space(tmp: Path, **top) -> Path:
+    """A space that trains in a second or two per trial on the lab."""
+    tree = {
+        "base": {"backbone": {"model": "lab"},
+                 "data": {"dataset": "lab", "shots": 2, "views": 1, "lab_test_per_class": 4, "cache_dir": str(CACHE)},
+                 "method": {"name": "gcscoop"}, "optim": {"batch_size": 32}, "schedule": {"epochs": 2}},
+        "params": {"rho": {"key": "method.rho", "type": "loguniform", "low": 0.01, "high": 1.0},
+                   "n_ctx": {"key": "prompt.n_ctx", "type": "choice", "values": [2, 4]},
+                   "lr": {"key": "optim.lr", "type": "loguniform", "low": 1e-3, "high": 1e-2}},
+        "defaults": {"rho": 0.1, "n_ctx": 4, "lr": 0.002},
+        "objective": {"floor": "reference", "tolerance": 1.0},
+        "trials": 4, "scheduler": {"type": "fifo"},
+        "resources": {"cpus_per_trial": 1}, "failure": {"max_failures": 1},
+    }
+    tree.update(top)
+    path = tmp / "space.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=tempfile.mkdtemp(prefix="gcs_ray_", dir="/tmp"))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def study(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    code = search.main(["--space", str(fast_space(tmp)), "--gpus", "0", "--storage", str(tmp / "s"),
+                        "--name", "e2e", "--quiet"])
+    assert code == 0
+    return StudyDir(str(tmp / "s"), "e2e")
+
+
+def child_runs(info: StudyInfo):
+    client = MlflowClient(info.tracking_uri)
+    exp = client.get_experiment_by_name(info.experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return client, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == info.parent_run_id], runs
+
+
+def test_four_trials_four_child_runs_one_parent(study):
+    info = StudyInfo.load(study)
+    assert info.tracking_uri == f"sqlite:///{study.local}/mlflow.db"
+    client, children, runs = child_runs(info)
+    assert len(children) == 4
+    assert len({r.data.tags["gcs_tune.trial_id"] for r in children}) == 4
+    parents = [r for r in runs if r.data.tags.get("gcs_tune.role") == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent_files = {a.path for a in client.list_artifacts(info.parent_run_id)}
+    assert {"space.yaml", "trials.parquet", "study.yaml", "plots"} <= parent_files
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert {"rho", "n_ctx", "lr", "method.name", "schedule.epochs"} <= set(run.data.params)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "hm")]
+        assert steps == [1, 2]  # one value per epoch, step = epoch
+        assert {"test_hm", "feasible", "objective", "frac_gs"} <= set(run.data.metrics)
+        assert {"prompt.pt", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_reference_run_sets_the_floor(study):
+    info = StudyInfo.load(study)
+    _, _, runs = child_runs(info)
+    refs = [r for r in runs if r.data.tags.get("gcs_tune.role") == "reference"]
+    assert len(refs) == 1 and refs[0].data.params["method.name"] == "coop"
+    assert info.base["objective"]["value"] == pytest.approx(info.reference["base_acc"])
+    assert not info.reference_pending
+
+
+def test_parquet_has_a_row_per_trial(study):
+    frame = read_table(study)
+    assert len(frame) == 4 and set(frame["state"]) == {"complete"}
+    assert frame["is_default"].sum() == 1
+    assert frame.loc[frame["is_default"], "param.rho"].item() == 0.1
+    for col in ("objective", "hm", "base_acc", "novel_acc", "violation", "test_hm", "duration_s"):
+        assert frame[col].map(math.isfinite).all(), col
+    optuna_view = yaml.safe_load((study.local / "optuna.yaml").read_text())
+    assert optuna_view["states"] == {"complete": 4}
+
+
+def test_diverging_and_raising_trials_are_recorded(ray_cluster, tmp_path):
+    """lr = 1e30 diverges (NaN loss: finite worst objective); 0.002 raises in this trainable, is
+    retried once, then recorded failed. The study finishes either way."""
+    from gcs_tune.tune.runner import SearchOptions, run_search
+    from gcs_tune.tune.trainable import train_trial
+
+    def flaky(config, setup):
+        if config["lr"] < 1:
+            raise RuntimeError("injected failure")
+        train_trial(config, setup)
+
+    space = fast_space(tmp_path, params={"lr": {"key": "optim.lr", "type": "choice", "values": [1e30, 0.002]}},
+                       defaults={"lr": 1e30}, trials=3, objective={"floor": "absolute", "value": 1.0})
+    outcome = run_search(SearchOptions(space=str(space), gpus=0, storage=str(tmp_path / "s"), name="bad",
+                                       live=False, overrides={"schedule.warmup_epochs": 0}), trainable=flaky)
+    assert not outcome.interrupted and outcome.winner is None
+    frame = read_table(outcome.study)
+    assert len(frame) == 3 and set(frame["state"]) <= {"diverged", "failed"}
+    diverged = frame[frame["state"] == "diverged"]
+    assert len(diverged) >= 1 and diverged["objective"].map(math.isfinite).all()
+    assert (diverged["objective"] < -100).all() and (diverged["epoch"] == 1).all()
+    failed = frame[frame["state"] == "failed"]
+    assert (failed["failures"] == 2).all() and failed["error"].str.contains("injected failure").all()
+    _, children, _ = child_runs(outcome.info)
+    assert len(children) == 3
+    assert sorted(r.info.status for r in children) == sorted(
+        "FAILED" if s == "failed" else "FINISHED" for s in frame["state"])
+    states = yaml.safe_load((outcome.study.local / "optuna.yaml").read_text())["states"]
+    assert states.get("fail", 0) == len(failed) and states.get("complete", 0) == len(diverged)
+
+
+def test_more_gpus_than_the_cluster_has_stops_at_once(ray_cluster, tmp_path, capsys):
+    start = time.perf_counter()
+    code = search.main(["--space", str(fast_space(tmp_path)), "--gpus", "8", "--storage", str(tmp_path / "s"),
+                        "--quiet"])
+    assert code == 2 and time.perf_counter() - start < 30
+    err = " ".join(capsys.readouterr().err.split())  # the CLI console wraps long lines
+    assert "--gpus 8" in err and "0 GPU" in err
+
+
+def test_best_export_writes_a_config_train_accepts(study, tmp_path, capsys):
+    out = tmp_path / "export"
+    code = best.main(["--storage", study.storage, "--name", "e2e", "--export", str(out), "--seeds", "1", "--quiet"])
+    assert code == 0
+    text = capsys.readouterr()
+    assert "winner" in text.err
+    assert (out / "winner.yaml").is_file() and (out / "seed1" / "prompt.pt").is_file()
+    assert "mean ± std" in (out / "seeds.md").read_text()
+    winner = select_winner(read_table(study)).row
+    exported = yaml.safe_load((out / "winner.yaml").read_text())
+    assert exported["method"]["rho"] == pytest.approx(winner["param.rho"])
+    assert exported["prompt"]["n_ctx"] == winner["param.n_ctx"] and exported["eval"]["test"] is True
+    assert train.main(["--config", str(out / "winner.yaml"), "--epochs", "1", "--out", str(tmp_path / "t"),
+                       "--quiet"]) == 0
+    assert json.loads((tmp_path / "t" / "result.json").read_text())["epochs"] == 1
+    info = StudyInfo.load(study)
+    _, children, runs = child_runs(info)
+    exports = [r for r in runs if r.data.tags.get("gcs_tune.role") == "export"]
+    assert len(exports) == 1 and exports[0].data.tags["gcs_tune.study_run_id"] == info.parent_run_id
+    assert len(children) == 4  # the export is linked to the study, not one of its trials
