@@ -6,16 +6,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import yaml
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 ray = pytest.importorskip("ray")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -24,39 +18,9 @@ from gcs_tune import best, search, train  # noqa: E402
 from gcs_tune.tune.results import read_table, select_winner  # noqa: E402
 from gcs_tune.tune.study import StudyDir, StudyInfo  # noqa: E402
 
-CACHE = Path(tempfile.gettempdir()) / "gcs_tune_test_features"  # shared by test modules; keyed, safe
-
-
-def fast_space(tmp: Path, **top) -> Path:
-    """A space that trains in a second or two per trial on the lab."""
-    tree = {
-        "base": {"backbone": {"model": "lab"},
-                 "data": {"dataset": "lab", "shots": 2, "views": 1, "lab_test_per_class": 4, "cache_dir": str(CACHE)},
-                 "method": {"name": "gcscoop"}, "optim": {"batch_size": 32}, "schedule": {"epochs": 2}},
-        "params": {"rho": {"key": "method.rho", "type": "loguniform", "low": 0.01, "high": 1.0},
-                   "n_ctx": {"key": "prompt.n_ctx", "type": "choice", "values": [2, 4]},
-                   "lr": {"key": "optim.lr", "type": "loguniform", "low": 1e-3, "high": 1e-2}},
-        "defaults": {"rho": 0.1, "n_ctx": 4, "lr": 0.002},
-        "objective": {"floor": "reference", "tolerance": 1.0},
-        "trials": 4, "scheduler": {"type": "fifo"},
-        "resources": {"cpus_per_trial": 1}, "failure": {"max_failures": 1},
-    }
-    tree.update(top)
-    path = tmp / "space.yaml"
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return path
-
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="gcs_ray_", dir="/tmp"))
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def study(ray_cluster, tmp_path_factory):
+def study(ray_cluster, tmp_path_factory, fast_space):
     tmp = tmp_path_factory.mktemp("e2e")
     code = search.main(["--space", str(fast_space(tmp)), "--gpus", "0", "--storage", str(tmp / "s"),
                         "--name", "e2e", "--quiet"])
@@ -110,7 +74,7 @@ def test_parquet_has_a_row_per_trial(study):
     assert optuna_view["states"] == {"complete": 4}
 
 
-def test_diverging_and_raising_trials_are_recorded(ray_cluster, tmp_path):
+def test_diverging_and_raising_trials_are_recorded(ray_cluster, tmp_path, fast_space):
     """lr = 1e30 diverges (NaN loss: finite worst objective); 0.002 raises in this trainable, is
     retried once, then recorded failed. The study finishes either way."""
     from gcs_tune.tune.runner import SearchOptions, run_search
@@ -141,7 +105,7 @@ def test_diverging_and_raising_trials_are_recorded(ray_cluster, tmp_path):
     assert states.get("fail", 0) == len(failed) and states.get("complete", 0) == len(diverged)
 
 
-def test_more_gpus_than_the_cluster_has_stops_at_once(ray_cluster, tmp_path, capsys):
+def test_more_gpus_than_the_cluster_has_stops_at_once(ray_cluster, tmp_path, capsys, fast_space):
     start = time.perf_counter()
     code = search.main(["--space", str(fast_space(tmp_path)), "--gpus", "8", "--storage", str(tmp_path / "s"),
                         "--quiet"])

@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 import threading
 import time
 
 import pytest
 import yaml
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 ray = pytest.importorskip("ray")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -22,17 +18,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from gcs_tune import search  # noqa: E402
 from gcs_tune.tune.results import TERMINAL, read_table  # noqa: E402
 from gcs_tune.tune.study import StudyDir, StudyInfo  # noqa: E402
-from test_search_e2e import fast_space  # noqa: E402
 
 TRIALS = 5
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="gcs_ray_", dir="/tmp"))
-    yield
-    ray.shutdown()
 
 
 def interrupt_after_first_trial(study: StudyDir, stop: threading.Event) -> None:
@@ -45,7 +32,7 @@ def interrupt_after_first_trial(study: StudyDir, stop: threading.Event) -> None:
         time.sleep(0.2)
 
 
-def test_interrupt_then_resume_finishes_without_duplicates(ray_cluster, tmp_path):
+def test_interrupt_then_resume_finishes_without_duplicates(ray_cluster, tmp_path, fast_space):
     space = fast_space(tmp_path, trials=TRIALS, scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
                        objective={"floor": "zero_shot", "tolerance": 5.0})
     storage = str(tmp_path / "s")

@@ -3,29 +3,16 @@ the trials fall back to the CPU) and ``gpus_per_trial: 0.25`` must run trials co
 asking Ray for a quarter GPU."""
 from __future__ import annotations
 
-import os
-import tempfile
 
 import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 ray = pytest.importorskip("ray")
 
 from gcs_tune.tune.results import read_table  # noqa: E402
 from gcs_tune.tune.runner import SearchOptions, run_search  # noqa: E402
-from test_search_e2e import fast_space  # noqa: E402
 
 TRIALS = 4
-
-
-@pytest.fixture(scope="module")
-def ray_with_logical_gpus():
-    ray.init(num_cpus=4, num_gpus=8, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="gcs_ray_", dir="/tmp"))
-    yield
-    ray.shutdown()
+RAY_INIT = {"num_cpus": 4, "num_gpus": 8}  # logical GPUs: read by the ray_cluster fixture
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -37,7 +24,7 @@ def max_overlap(intervals: list[tuple[float, float]]) -> int:
     return best
 
 
-def test_quarter_gpus_run_trials_at_once(ray_with_logical_gpus, tmp_path):
+def test_quarter_gpus_run_trials_at_once(ray_cluster, tmp_path, fast_space):
     space = fast_space(tmp_path, trials=TRIALS, objective={"floor": "none"},
                        resources={"gpus_per_trial": 0.25, "cpus_per_trial": 1})
     outcome = run_search(SearchOptions(space=str(space), gpus=8, storage=str(tmp_path / "s"), name="gpus",
