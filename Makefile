@@ -22,6 +22,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python pipelines/benchmarks/step_speed.py
+	$(VENV)/bin/python pipelines/benchmarks/search_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

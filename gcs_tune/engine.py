@@ -16,9 +16,8 @@ import torch.nn.functional as F
 
 from gcs_tune.config import RunConfig
 from gcs_tune.methods.losses import LOSS_TERMS, LossInputs
-from gcs_tune.methods.steps import GCSAMStep, SAMStep, SGDStep
-from gcs_tune.methods.table import METHODS
-from gcs_tune.model.prompters import CoOpPrompter, build_bank
+from gcs_tune.methods.table import METHODS, PROMPTERS, STEP_RULES
+from gcs_tune.model.prompters import build_bank
 from gcs_tune.model.text import PromptedTextEncoder
 from gcs_tune.objective import harmonic_mean, resolve_floor, score, worst
 from gcs_tune.prepare import Prepared, SplitFeatures, _autocast, prepare
@@ -93,15 +92,6 @@ def learning_rate(cfg: RunConfig, epoch: int) -> float:
     return 0.5 * cfg.optim.lr * (1 + math.cos(math.pi * epoch / sched.epochs))
 
 
-def build_step(cfg: RunConfig, params, optimizer):
-    rule = METHODS[cfg.method.name].step
-    if rule == "sgd":
-        return SGDStep(params, optimizer)
-    if rule == "sam":
-        return SAMStep(params, optimizer, cfg.method.rho)
-    return GCSAMStep(params, optimizer, cfg.method.rho, cfg.method.beta1, cfg.method.beta2)
-
-
 def loss_weights(cfg: RunConfig) -> dict[str, float]:
     weights = dict(METHODS[cfg.method.name].losses)
     if "kg" in weights and cfg.method.kg_weight is not None:
@@ -120,12 +110,12 @@ def fit(cfg: RunConfig, prepared: Prepared | None = None, progress=None) -> Iter
     train_bank = build_bank(encoder, bb.tokenizer, classnames[prep.base.start:prep.base.stop],
                             list(prep.base), cfg.prompt.n_ctx)
     all_bank = build_bank(encoder, bb.tokenizer, classnames, list(range(len(classnames))), cfg.prompt.n_ctx)
-    prompter = CoOpPrompter(encoder, bb.tokenizer, cfg.prompt.n_ctx, cfg.prompt.init, len(prep.base),
-                            cfg.prompt.class_specific, generator=gen)
+    method = METHODS[cfg.method.name]
+    prompter = PROMPTERS[method.prompter](cfg, encoder, bb.tokenizer, len(prep.base), gen)
     params = list(prompter.parameters())
     optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
-    step = build_step(cfg, params, optimizer)
+    step = STEP_RULES[method.step](cfg.method, params, optimizer)
     weights = loss_weights(cfg)
     scale = bb.model.logit_scale.exp().detach()
     frozen_base_text = prep.zero_shot_text[prep.base.start:prep.base.stop]

@@ -63,12 +63,12 @@ def _features(cache: FeatureCache, backbone: Backbone, cfg: RunConfig, split: st
               transform, view: str, seed: int, progress: Progress) -> CachedFeatures:
     key = {"model": backbone.name, "weights": backbone.weights, "dataset": cfg.data.dataset,
            "root": str(Path(cfg.data.root).expanduser().resolve()) if cfg.data.root else None,
-           "split": split, "view": view, "ids": ids_digest(images.ids), "n": len(images)}
+           "split": split, "view": view, "view_seed": seed, "ids": ids_digest(images.ids), "n": len(images),
+           "bf16": _bf16(backbone.device, cfg.backbone.precision)}
     bar = (lambda it, total: progress(it, total, f"encoding {split} {view}")) if progress else None
-    precision = _autocast(backbone.device, cfg.backbone.precision)
 
     def compute() -> CachedFeatures:
-        with precision:
+        with _autocast(backbone.device, cfg.backbone.precision):
             return encode_images(images, transform, backbone.encode_images, seed=seed,
                                  workers=_workers(cfg), progress=bar)
 
@@ -83,9 +83,12 @@ def _split_features(found: CachedFeatures, images: ImageSet, device) -> SplitFea
     return SplitFeatures(F.normalize(found.features.to(device), dim=-1), labels)
 
 
+def _bf16(device: torch.device, precision: str) -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def _autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_bf16(device, precision))
 
 
 @torch.no_grad()
@@ -101,7 +104,9 @@ def prepare(cfg: RunConfig, progress: Progress = None) -> Prepared:
     splits = load_dataset(cfg)
     base, novel = base_novel_split(len(splits.classnames))
     train = sample_few_shot(splits.train, cfg.data.shots, cfg.seed, f"{cfg.data.dataset} train", labels=base)
-    val = sample_few_shot(splits.val, cfg.data.val_shots_resolved, cfg.seed, f"{cfg.data.dataset} val")
+    # ImageNet has no val split: val is drawn from the train images, minus the ones trained on
+    val = sample_few_shot(splits.val, cfg.data.val_shots_resolved, cfg.seed, f"{cfg.data.dataset} val",
+                          exclude=frozenset(train.ids))
     backbone = load_backbone(cfg.backbone)
     cache = FeatureCache(cfg.data.cache_dir)
     device = backbone.device

@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m gcs_tune.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="run config YAML (default: the embedded lab)")
     p.add_argument("--method", help="shorthand for method.name (coop, sam_coop, gcscoop, kgcoop)")
+    p.add_argument("--model", help="shorthand for backbone.model (lab, or an open_clip name: ViT-B-16)")
     p.add_argument("--epochs", type=int, help="shorthand for schedule.epochs")
     p.add_argument("--seed", type=int, help="shorthand for seed")
     p.add_argument("--out", help="output folder (default: runs/<method>-seed<seed>)")
@@ -39,7 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     overrides = parse_overrides(args.overrides)
-    for flag, key in (("method", "method.name"), ("epochs", "schedule.epochs"), ("seed", "seed"), ("out", "out")):
+    shorthands = (("method", "method.name"), ("model", "backbone.model"), ("epochs", "schedule.epochs"),
+                  ("seed", "seed"), ("out", "out"))
+    for flag, key in shorthands:
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
     return load_config(args.config, overrides)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from gcs_tune.config import ConfigError, load_config, parse_overrides
@@ -15,6 +17,14 @@ def test_defaults_are_the_lab_and_frozen():
     assert cfg.data.dataset == "lab" and cfg.backbone.model == "lab"
     with pytest.raises(Exception):
         cfg.method.rho = 3.0  # frozen
+
+
+def test_the_shipped_paper_recipe_loads_and_asks_for_a_root(tmp_path):
+    recipe = Path(__file__).parents[1] / "pipelines" / "configs" / "paper_vit_b16.yaml"
+    cfg = load_config(recipe, {"data.root": str(tmp_path)})
+    assert (cfg.optim.batch_size, cfg.schedule.epochs, cfg.backbone.model) == (128, 200, "ViT-B-16")
+    with pytest.raises(ConfigError, match="paper_vit_b16.yaml.*needs data.root"):
+        load_config(recipe)
 
 
 @pytest.mark.parametrize("text, key", [

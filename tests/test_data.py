@@ -76,6 +76,16 @@ def test_few_shot_is_seeded_and_checks_counts():
         sample_few_shot(images, 7, 1, "somewhere")
 
 
+def test_val_drawn_from_the_train_pool_never_repeats_a_training_image():
+    labels = tuple(y for y in range(2) for _ in range(6))
+    pool = ImageSet(tuple(f"img{i}" for i in range(12)), labels, lambda i: None)
+    train = sample_few_shot(pool, 4, seed=1, where="x")
+    val = sample_few_shot(pool, 2, seed=1, where="x", exclude=frozenset(train.ids))
+    assert not set(train.ids) & set(val.ids) and sorted(val.labels) == [0, 0, 1, 1]
+    with pytest.raises(DataError, match="class 0 has 2 images, fewer than shots=3"):
+        sample_few_shot(pool, 3, seed=1, where="x", exclude=frozenset(train.ids))
+
+
 def test_base_novel_split_is_first_half_by_label():
     assert base_novel_split(5) == (range(0, 3), range(3, 5))
     assert base_novel_split(64) == (range(0, 32), range(32, 64))
@@ -88,6 +98,8 @@ def test_a_bad_image_is_skipped_and_counted(tmp_path, caplog):
     found = encode_images(ds.train, to_tensor, lambda x: x.mean(dim=(2, 3)))
     assert len(found.ids) == 8 and "banded/train_1.jpg" not in found.ids
     assert "1 of 9 images could not be read" in caplog.text
+    with pytest.raises(DataError, match="none of the 1 images decoded .the first is banded/train_1.jpg"):
+        encode_images(ds.train.subset([1]), to_tensor, lambda x: x.mean(dim=(2, 3)))
 
 
 def test_cache_hit_atomic_and_corruption_rebuilt(tmp_path):

@@ -193,6 +193,16 @@ def test_multi_node_needs_shared_storage_and_a_tracking_server(tmp_path):
     _check_cluster(Plan(0, {"cpu": 1}, 2, nodes=1), str(tmp_path), f"sqlite:///{tmp_path}/m.db")
 
 
+def test_relative_tracking_uris_are_made_absolute(tmp_path, monkeypatch):
+    from gcs_tune.tune.tracking import absolute_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_tracking_uri("sqlite:///runs/m.db") == f"sqlite:///{tmp_path}/runs/m.db"
+    assert absolute_tracking_uri(f"sqlite:///{tmp_path}/m.db") == f"sqlite:///{tmp_path}/m.db"
+    assert absolute_tracking_uri("mlruns") == (tmp_path / "mlruns").as_uri()
+    assert absolute_tracking_uri("http://mlflow:5000") == "http://mlflow:5000"
+
+
 def test_resume_of_an_unknown_study_exits_2(tmp_path, capsys):
     from gcs_tune import search
 

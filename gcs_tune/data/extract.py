@@ -9,6 +9,7 @@ from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from gcs_tune.data.cache import CachedFeatures
+from gcs_tune.data.fewshot import DataError
 from gcs_tune.data.types import ImageSet
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ def encode_images(images: ImageSet, transform: Transform, encode: Callable[[torc
         kept.append(idx)
         feats.append(encode(pixels).float().cpu())
     if not feats:
-        raise ValueError(f"none of the {len(images)} images decoded")
+        raise DataError(f"none of the {len(images)} images decoded (the first is {images.ids[0]}); "
+                        "see the warnings above")
     kept_idx = torch.cat(kept).tolist()
     if len(kept_idx) < len(images):
         log.warning("%d of %d images could not be read and were skipped", len(images) - len(kept_idx), len(images))

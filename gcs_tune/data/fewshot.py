@@ -24,13 +24,15 @@ def restrict_to(images: ImageSet, labels: range) -> ImageSet:
 
 
 def sample_few_shot(images: ImageSet, shots: int, seed: int, where: str,
-                    labels: range | None = None) -> ImageSet:
-    """``shots`` images per class, drawn with a seeded sampler, in a stable order.
+                    labels: range | None = None, exclude: frozenset[str] = frozenset()) -> ImageSet:
+    """``shots`` images per class, drawn with a seeded sampler, in a stable order, never one whose
+    id is in ``exclude``.
 
     Raises :class:`DataError` naming ``where`` when a class has fewer than ``shots`` images."""
     by_class: dict[int, list[int]] = defaultdict(list)
-    for i, y in enumerate(images.labels):
-        by_class[y].append(i)
+    for i, (image_id, y) in enumerate(zip(images.ids, images.labels)):
+        if image_id not in exclude:
+            by_class[y].append(i)
     wanted = labels if labels is not None else sorted(by_class)
     rng = random.Random(seed)
     chosen: list[int] = []

@@ -3,8 +3,7 @@
 Interface every prompter keeps (so the engine never branches on a method's name):
 - ``prompter.parameters()``: what the step rule updates;
 - ``prompter.text_features(encoder, bank) -> (n_cls, D)``;
-- ``prompter.changes_image_features``: False for text-only prompts, whose image features the
-  engine may cache; deep vision prompts (PromptSRC, CasPL) set it True and run the image encoder.
+- ``prompter.state_dict()``: what is exported as the learned prompt.
 """
 from __future__ import annotations
 
@@ -51,8 +50,6 @@ class CoOpPrompter(nn.Module):
     """CoOp: M learnable context vectors before the class name, shared by all classes or one set
     per training class. A phrase of k tokens initialises the last min(k, M) slots (the ones next
     to the class name); other slots start from N(0, 0.02), as CoOp's random init."""
-
-    changes_image_features = False
 
     def __init__(self, encoder: PromptedTextEncoder, tokenizer, n_ctx: int, init: str | None,
                  n_train_classes: int, class_specific: bool = False, generator: torch.Generator | None = None):

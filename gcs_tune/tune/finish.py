@@ -68,7 +68,7 @@ def finish_study(study: StudyDir, info: StudyInfo, started_at: float) -> Outcome
     plots = make_plots(frame, study.local / "plots", floor, log_names) if not frame.empty else []
     for p in plots:
         study.upload(f"plots/{p.name}")
-    _log_parent(info, study, frame, winner, plots, interrupted, seconds)
+    _log_parent(info, study, frame, winner, plots, interrupted, done, seconds)
     _print_summary(info, study, frame, winner, interrupted, done, seconds)
     return Outcome(study, info, done, interrupted, winner, started_at, seconds)
 
@@ -80,11 +80,11 @@ def _floor(info: StudyInfo) -> float | None:
     return None
 
 
-def _log_parent(info, study, frame, winner, plots, interrupted, seconds) -> None:
+def _log_parent(info, study, frame, winner, plots, interrupted, done, seconds) -> None:
     tracker = Tracker(info.tracking_uri, info.experiment)
     tracker.parent_id = info.parent_run_id
     optuna_file = study.local / "optuna.yaml"
-    metrics = {"trials_done": float(len(frame)), "search_seconds": seconds}
+    metrics = {"trials_done": float(done), "search_seconds": seconds}
     if _floor(info) is not None:
         metrics["base_floor"] = _floor(info)
     tags: dict[str, Any] = {"state": "interrupted" if interrupted else "finished"}

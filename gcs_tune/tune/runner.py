@@ -21,7 +21,7 @@ from gcs_tune.tune.finish import Outcome, finish_study, log_reference
 from gcs_tune.tune.searcher import build_searcher
 from gcs_tune.tune.space import Space, SpaceFile, load_space
 from gcs_tune.tune.study import StudyDir, StudyInfo, absolute_paths, is_shared, is_uri, latest_study, resolve_storage
-from gcs_tune.tune.tracking import Tracker, default_tracking_uri, is_server_uri
+from gcs_tune.tune.tracking import Tracker, absolute_tracking_uri, default_tracking_uri, is_server_uri
 from gcs_tune.tune.trainable import TrialSetup, run_reference, train_trial
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ def run_search(opts: SearchOptions, trainable: Callable = train_trial) -> Outcom
         gpus = info.gpus if info else opts.gpus
         res = space.spec.resources
         plan = cluster.plan(gpus, res.gpus_per_trial, res.cpus_per_trial, res.max_concurrent)
-        tracking = (info.tracking_uri if info else opts.tracking_uri) or _default_tracking(study, storage)
+        given = info.tracking_uri if info else opts.tracking_uri
+        tracking = absolute_tracking_uri(given) if given else _default_tracking(study, storage)
         _check_cluster(plan, storage, tracking)
         cluster.warm_caches([space.base.to_dict()], opts.progress)
         if info is None:

@@ -29,6 +29,16 @@ def default_tracking_uri(study_dir: Path) -> str:
     return f"sqlite:///{Path(study_dir).resolve() / 'mlflow.db'}"
 
 
+def absolute_tracking_uri(uri: str) -> str:
+    """``sqlite:///rel.db`` (three slashes: relative) or a bare path, made absolute: trials and
+    ``mlflow ui`` run from other working directories."""
+    if uri.startswith("sqlite:///"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    if "://" not in uri:
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
 def is_server_uri(uri: str) -> bool:
     return uri.split(":", 1)[0] in ("http", "https", "databricks")
 

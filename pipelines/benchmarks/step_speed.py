@@ -1,11 +1,12 @@
 """Where the speed comes from, measured as ratios in one run on one model and one batch.
 
-Modes (each in its own child process, so peak memory is per mode; same seed, model and data):
+Three child processes (same seed, model and data), so peak memory is per process:
   reference   what CoOp's reference code does each step: the frozen image encoder on the batch
               and the text transformer over all 77 tokens
   full77      cached image features, text over all 77 tokens (isolates the truncation gain)
-  coop        cached image features, text cut at the longest EOS (gcs_tune's CoOp step)
-  gcscoop     as coop, with GCSAM's two forward/backward passes
+  cached      cached image features, text cut at the longest EOS: gcs_tune's CoOp step and its
+              GCSCoOp step (GCSAM's two forward/backward passes), timed alternately
+Each time is the median over the timed steps.
 
   python pipelines/benchmarks/step_speed.py                    # ViT-B-16, random weights
   python pipelines/benchmarks/step_speed.py --model lab --steps 20
@@ -16,13 +17,14 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
 
 import torch
 
-MODES = ("reference", "full77", "coop", "gcscoop")
+GROUPS = {"reference": ("reference",), "full77": ("full77",), "cached": ("coop", "gcscoop")}
 
 
 def parse(argv=None):
@@ -30,10 +32,11 @@ def parse(argv=None):
     p.add_argument("--model", default="ViT-B-16", help="open_clip model name, or 'lab'")
     p.add_argument("--classes", type=int, default=50)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per mode")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per rule")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="auto")
-    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # child process
+    p.add_argument("--groups", default=",".join(GROUPS), help="which child processes to run")
+    p.add_argument("--group", choices=GROUPS, help=argparse.SUPPRESS)  # set in a child process
     p.add_argument("--json", help="also write the results here")
     return p.parse_args(argv)
 
@@ -66,7 +69,9 @@ def full_length_features(encoder, bank, prompter) -> torch.Tensor:
     return x @ encoder.text_projection
 
 
-def run_mode(args) -> dict:
+def run_group(args) -> list[dict]:
+    """Time the rules of one child process. The cached group alternates CoOp and GCSCoOp steps on
+    the same model and batch, so machine noise falls on both sides of their ratio alike."""
     from gcs_tune.methods.losses import LOSS_TERMS, LossInputs
     from gcs_tune.methods.steps import GCSAMStep, SGDStep
 
@@ -75,64 +80,74 @@ def run_mode(args) -> dict:
     autocast = torch.autocast(bb.device.type, dtype=torch.bfloat16, enabled=cuda)
     with torch.no_grad(), autocast:
         cached = bb.encode_images(images).float()  # what the feature cache would hand the loop
-    opt = torch.optim.SGD(prompter.parameters(), lr=0.002, momentum=0.9, weight_decay=5e-4)
-    params = list(prompter.parameters())
-    rule = GCSAMStep(params, opt, 0.1, 0.5, 0.8) if args.mode == "gcscoop" else SGDStep(params, opt)
     scale = bb.model.logit_scale.exp().detach()
+    params = list(prompter.parameters())
+
+    def rule(name):
+        opt = torch.optim.SGD(params, lr=0.002, momentum=0.9, weight_decay=5e-4)
+        return GCSAMStep(params, opt, 0.1, 0.5, 0.8) if name == "gcscoop" else SGDStep(params, opt)
 
     def closure():
         with autocast:
-            if args.mode == "reference":
+            if args.group == "reference":
                 with torch.no_grad():
                     feats = bb.encode_images(images)
                 text = full_length_features(encoder, bank, prompter)
             else:
                 feats = cached
-                text = (full_length_features(encoder, bank, prompter) if args.mode == "full77"
+                text = (full_length_features(encoder, bank, prompter) if args.group == "full77"
                         else prompter.text_features(encoder, bank))
             loss = LOSS_TERMS["ce"](LossInputs(feats, targets, text, text, scale))
         loss.backward()
         return loss.detach()
 
-    for _ in range(args.warmup):
-        rule.step(closure)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        rule.step(closure)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
-    return {"mode": args.mode, "step_s": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-            "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads)", "text_tokens": int(bank.eos.max()) + 1}
+    rules = {name: rule(name) for name in GROUPS[args.group]}
+    seconds = {name: [] for name in rules}
+    peak_gpu = dict.fromkeys(rules, 0.0)
+    for i in range(args.warmup + args.steps):
+        for name, r in rules.items():
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            r.step(closure)
+            if cuda:
+                torch.cuda.synchronize()
+                peak_gpu[name] = max(peak_gpu[name], torch.cuda.max_memory_allocated() / 2**20)
+            if i >= args.warmup:
+                seconds[name].append(time.perf_counter() - start)
+    device = (torch.cuda.get_device_name() if cuda
+              else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # per process: shared by the group
+    return [{"mode": name, "step_s": statistics.median(s), "steps_s": s, "peak_rss_mb": rss,
+             "peak_gpu_mb": peak_gpu[name] if cuda else None, "device": device,
+             "text_tokens": int(bank.eos.max()) + 1} for name, s in seconds.items()]
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    if args.mode:
-        print(json.dumps(run_mode(args)))
+    if args.group:
+        print(json.dumps(run_group(args)))
         return 0
     rows = []
-    for mode in MODES:
-        child = [sys.executable, __file__, "--mode", mode, *[a for a in (argv or sys.argv[1:])]]
+    for group in args.groups.split(","):
+        child = [sys.executable, __file__, "--group", group, *(argv or sys.argv[1:])]
         out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-        r = rows[-1]
-        print(f"{mode:10s} {r['step_s'] * 1000:10.1f} ms/step   peak RSS {r['peak_rss_mb']:7.0f} MB"
-              + (f"   peak GPU {r['peak_gpu_mb']:7.0f} MB" if r["peak_gpu_mb"] is not None else ""), flush=True)
+        for r in json.loads(out.strip().splitlines()[-1]):
+            rows.append(r)
+            print(f"{r['mode']:10s} {r['step_s'] * 1000:10.1f} ms/step   peak RSS {r['peak_rss_mb']:7.0f} MB"
+                  + (f"   peak GPU {r['peak_gpu_mb']:7.0f} MB" if r["peak_gpu_mb"] is not None else ""), flush=True)
     t = {r["mode"]: r["step_s"] for r in rows}
-    ratios = {"gcscoop_over_coop": t["gcscoop"] / t["coop"], "reference_over_coop": t["reference"] / t["coop"],
-              "full77_over_coop": t["full77"] / t["coop"], "reference_over_full77": t["reference"] / t["full77"]}
     print(f"device: {rows[0]['device']}; model {args.model}, {args.classes} classes, batch {args.batch}, "
-          f"text cut at {rows[0]['text_tokens']} of 77 tokens, {args.steps} timed steps after {args.warmup} warm-up")
-    print(f"GCSCoOp step / CoOp step            = {ratios['gcscoop_over_coop']:.2f}  (target <= 2.1)")
-    print(f"reference step / cached+cut CoOp    = {ratios['reference_over_coop']:.1f}x (target >= 8)")
-    print(f"  of which: feature cache           = {ratios['reference_over_full77']:.1f}x, "
-          f"text cut at EOS = {ratios['full77_over_coop']:.1f}x")
+          f"text cut at {rows[0]['text_tokens']} of 77 tokens, median of {args.steps} timed steps after {args.warmup} warm-up")
+    lines = {("gcscoop", "coop"): "GCSCoOp step / CoOp step            = {:.2f}  (target <= 2.1)",
+             ("reference", "coop"): "reference step / cached+cut CoOp    = {:.1f}x (target >= 8)",
+             ("reference", "full77"): "  gain of the feature cache          = {:.1f}x",
+             ("full77", "coop"): "  gain of the text cut at EOS        = {:.1f}x"}
+    ratios = {f"{a}_over_{b}": t[a] / t[b] for a, b in lines if a in t and b in t}
+    for (a, b), line in lines.items():
+        if a in t and b in t:
+            print(line.format(t[a] / t[b]))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "rows": rows, "ratios": ratios}, fh, indent=2)
