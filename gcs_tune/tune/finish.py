@@ -16,7 +16,7 @@ from rich.markup import escape
 from gcs_tune.tune.plots import make_plots
 from gcs_tune.tune.results import TABLE, TERMINAL, Winner, read_table, select_winner
 from gcs_tune.tune.study import StudyDir, StudyInfo
-from gcs_tune.tune.tracking import Tracker, flatten
+from gcs_tune.tune.tracking import Tracker, flatten, is_server_uri
 
 console = Console(soft_wrap=True)  # long lines (paths, commands) must stay copyable
 
@@ -68,8 +68,8 @@ def finish_study(study: StudyDir, info: StudyInfo, started_at: float) -> Outcome
     plots = make_plots(frame, study.local / "plots", floor, log_names) if not frame.empty else []
     for p in plots:
         study.upload(f"plots/{p.name}")
-    _log_parent(info, study, frame, winner, plots, interrupted, done, seconds)
-    _print_summary(info, study, frame, winner, interrupted, done, seconds)
+    experiment_id = _log_parent(info, study, frame, winner, plots, interrupted, done, seconds)
+    _print_summary(info, study, frame, winner, interrupted, done, seconds, experiment_id)
     return Outcome(study, info, done, interrupted, winner, started_at, seconds)
 
 
@@ -80,7 +80,8 @@ def _floor(info: StudyInfo) -> float | None:
     return None
 
 
-def _log_parent(info, study, frame, winner, plots, interrupted, done, seconds) -> None:
+def _log_parent(info, study, frame, winner, plots, interrupted, done, seconds) -> str:
+    """Log the study's summary on its parent run; returns the MLflow experiment id."""
     tracker = Tracker(info.tracking_uri, info.experiment)
     tracker.parent_id = info.parent_run_id
     optuna_file = study.local / "optuna.yaml"
@@ -105,9 +106,10 @@ def _log_parent(info, study, frame, winner, plots, interrupted, done, seconds) -
     tracker.log_files(info.parent_run_id, [f for f in files if f.suffix != ".png"])
     tracker.log_files(info.parent_run_id, [f for f in files if f.suffix == ".png"], "plots")
     tracker.finish(info.parent_run_id, "KILLED" if interrupted else "FINISHED")
+    return tracker.experiment_id
 
 
-def _print_summary(info, study, frame, winner, interrupted, done, seconds) -> None:
+def _print_summary(info, study, frame, winner, interrupted, done, seconds, experiment_id) -> None:
     console.rule(f"study {info.name}")
     counts = ", ".join(f"{(frame['state'] == s).sum()} {s}" for s in TERMINAL) if not frame.empty else "no trials"
     console.print(f"{done}/{info.trials} trials done in {seconds:.0f} s ({counts})")
@@ -127,6 +129,9 @@ def _print_summary(info, study, frame, winner, interrupted, done, seconds) -> No
     console.print(f"trials table:  {study.ray_path}/{TABLE}")
     console.print(f"MLflow:        {info.tracking_uri} (experiment {info.experiment!r})")
     console.print(f"compare trials: [bold]{mlflow_ui_command(info.tracking_uri)}[/]")
+    server = info.tracking_uri if is_server_uri(info.tracking_uri) else "http://127.0.0.1:5000"
+    console.print(f"  then open {server.rstrip('/')}/#/experiments/{experiment_id}/runs "
+                  "(the parent run lists one child per trial)")
     if interrupted:
         console.print(f"[yellow]interrupted[/]: resume with [bold]python -m gcs_tune.search --resume "
                       f"--name {info.name} --storage {info.storage}[/]")

@@ -176,7 +176,7 @@ def _fit(study: StudyDir, info: StudyInfo, space: Space, setup: TrialSetup, trai
          plan: cluster.Plan, live: bool) -> None:
     wrapped = tune.with_resources(tune.with_parameters(trainable, setup=setup), info.resources)
     if tune.Tuner.can_restore(study.ray_path):
-        tuner = tune.Tuner.restore(study.ray_path, wrapped, resume_errored=True)
+        tuner = tune.Tuner.restore(study.ray_path, wrapped)  # failed trials stay failed; unfinished ones resume
     else:
         callback = StudyCallback(info, setup, live=live)
         searcher = build_searcher(space, info.max_concurrent, str(study.local / "optuna.yaml"))
