@@ -52,6 +52,18 @@ def test_coop_errors_name_the_path(tmp_path):
         read_coop(tmp_path, "mnist")
 
 
+def test_an_unknown_aircraft_variant_names_the_split_file(tmp_path):
+    base = tmp_path / "fgvc_aircraft"
+    base.mkdir()
+    (base / "variants.txt").write_text("707-320\nA300B4\n")
+    for split in ("train", "val", "test"):
+        (base / f"images_variant_{split}.txt").write_text("0001 707-320\n0002 A300B4\n")
+    assert read_coop(tmp_path, "fgvc_aircraft").train.labels == (0, 1)
+    (base / "images_variant_val.txt").write_text("0003 Concorde\n")
+    with pytest.raises(DataError, match="images_variant_val.txt: variant 'Concorde' of image 0003"):
+        read_coop(tmp_path, "fgvc_aircraft")
+
+
 def test_imagefolder_seeded_split(tmp_path):
     for name in ("cat", "dog"):
         for i in range(10):

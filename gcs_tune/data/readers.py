@@ -91,10 +91,11 @@ def _read_aircraft(base: Path) -> DatasetSplits:
         rows = []
         for line in path.read_text().splitlines():
             img, _, variant = line.strip().partition(" ")
-            if img and variant not in index:
+            if not img:
+                continue
+            if variant not in index:
                 raise DataError(f"{path}: variant {variant!r} of image {img} is not in {variants_path}")
-            if img:
-                rows.append((f"{img}.jpg", index[variant]))
+            rows.append((f"{img}.jpg", index[variant]))
         sets[split] = _image_set(base / "images", rows)
     return DatasetSplits("fgvc_aircraft", classnames, sets["train"], sets["val"], sets["test"])
 
