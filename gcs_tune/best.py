@@ -76,7 +76,7 @@ def _num(x) -> str:
     return "–" if x is None else f"{x:.2f}"
 
 
-def export(info, study, winner, out: Path, seeds: list[int], quiet: bool) -> Path:
+def export(info, winner, out: Path, seeds: list[int], quiet: bool) -> Path:
     """Write winner.yaml, retrain per seed, write the seed table, log the export to MLflow."""
     from gcs_tune.train import run
     from gcs_tune.tune.tracking import Tracker, flatten
@@ -92,8 +92,7 @@ def export(info, study, winner, out: Path, seeds: list[int], quiet: bool) -> Pat
     title = f"# {info.name}: winner (trial {int(winner.row['number'])}) on the test split, {len(seeds)} seed(s)\n\n"
     (out / "seeds.md").write_text(title + md)
     (out / "seeds.csv").write_text(csv)
-    tracker = Tracker(info.tracking_uri, info.experiment)
-    tracker.parent_id = info.parent_run_id
+    tracker = Tracker(info.tracking_uri, info.experiment, parent_id=info.parent_run_id)
     run_id = tracker.side_run("export", f"export-trial-{int(winner.row['number']):03d}", info.name,
                               {"gcs_tune.winner_trial_id": winner.row["trial_id"], "feasible": winner.feasible})
     tracker.log_run(run_id, params={**flatten(cfg.to_dict()), "seeds": ",".join(map(str, seeds))}, metrics=summary)
@@ -111,8 +110,7 @@ def export(info, study, winner, out: Path, seeds: list[int], quiet: bool) -> Pat
 def main(argv: list[str] | None = None) -> int:
     """Print the winner (and the defaults' trial); export it if asked. Exit 0, or 2 on bad input."""
     args = parse_args(argv)
-    from gcs_tune.tune.finish import describe_trial
-    from gcs_tune.tune.results import read_table, select_winner
+    from gcs_tune.tune.results import describe_trial, read_table, select_winner
     from gcs_tune.tune.study import StudyDir, StudyInfo, latest_study, resolve_storage
 
     seeds = parse_seeds(args.seeds)
@@ -137,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(describe_trial("defaults (enqueued first)", default.iloc[0].to_dict()), soft_wrap=True)
     if args.export is not None:
         out = Path(args.export).expanduser().resolve() if args.export else study.local / "export"
-        export(info, study, winner, out, seeds, args.quiet)
+        export(info, winner, out, seeds, args.quiet)
     else:
         console.print(json.dumps({k: v for k, v in winner.row.items() if k.startswith("param.")}, default=str))
     return 0

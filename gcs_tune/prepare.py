@@ -110,12 +110,10 @@ def prepare(cfg: RunConfig, progress: Progress = None) -> Prepared:
     backbone = load_backbone(cfg.backbone)
     cache = FeatureCache(cfg.data.cache_dir)
     device = backbone.device
-    views = []
-    for v in range(cfg.data.views):
-        lo, hi = cfg.data.crop_scale_resolved
-        transform = backbone.train_transform((lo, hi))
-        view = f"aug{v}-scale{lo}-{hi}"
-        views.append(_features(cache, backbone, cfg, "train", train, transform, view, 1000 * cfg.seed + v, progress))
+    lo, hi = cfg.data.crop_scale_resolved
+    transform = backbone.train_transform((lo, hi))  # random: each view draws with its own seed
+    views = [_features(cache, backbone, cfg, "train", train, transform, f"aug{v}-scale{lo}-{hi}",
+                       1000 * cfg.seed + v, progress) for v in range(cfg.data.views)]
     if any(v.ids != views[0].ids for v in views):
         raise DataError(f"{cfg.data.dataset} train: augmented views disagree on which images decoded")
     train_feats = _split_features(views[0], train, device)

@@ -34,14 +34,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run or resume a study. Exit 0 when done, 2 on bad input, 130 when interrupted."""
     args = parse_args(argv)
+    if args.gpus is not None and args.gpus < 0:  # before the slow imports below
+        raise ConfigError(f"--gpus must be >= 0, got {args.gpus:g}")
     from gcs_tune.tune.runner import SearchOptions, run_search  # late: Ray/MLflow imports are slow
 
     opts = SearchOptions(space=args.space, gpus=args.gpus, trials=args.trials, address=args.address,
                          storage=args.storage, tracking_uri=args.tracking_uri, name=args.name,
                          resume=args.resume, overrides=parse_overrides(args.overrides), live=not args.quiet,
                          progress=progress_bar(args.quiet))
-    if opts.gpus is not None and opts.gpus < 0:
-        raise ConfigError(f"--gpus must be >= 0, got {args.gpus:g}")
     try:
         outcome = run_search(opts)
     except KeyboardInterrupt:

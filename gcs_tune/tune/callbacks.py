@@ -50,10 +50,10 @@ class StudyCallback(Callback):
         """Called by Ray once, before the first trial of this session (fresh or resumed)."""
         study = StudyDir(self.info.storage, self.info.name)
         records = records_from_table(study)
-        tracker = self._safe(lambda: Tracker(self.info.tracking_uri, self.info.experiment))
-        runs: dict[str, tuple[str, str]] = {}
+        tracker = self._safe(lambda: Tracker(self.info.tracking_uri, self.info.experiment,
+                                             parent_id=self.info.parent_run_id))
+        runs: dict[str, str] = {}  # Ray trial id -> MLflow run id
         if tracker is not None:
-            tracker.parent_id = self.info.parent_run_id
             runs = self._safe(tracker.trial_runs) or {}
         view = LiveView(self.info.name, self.info.trials) if self.live else None
         if view:
@@ -96,12 +96,12 @@ class StudyCallback(Callback):
         self.records[trial.trial_id] = rec
         tracker = self._state["tracker"]
         if tracker is not None:
-            stale = self._state["runs"].get(trial.trial_id, ("", ""))[0] or (old.mlflow_run_id if old else "")
+            stale = self._state["runs"].get(trial.trial_id) or (old.mlflow_run_id if old else "")
             run_id = self._safe(lambda: tracker.start_trial(
                 trial.trial_id, f"trial-{rec.number:03d}", self._run_params(params),
                 self.info.name, existing=stale or None))
             rec.mlflow_run_id = run_id or ""
-            self._state["runs"][trial.trial_id] = (rec.mlflow_run_id, "RUNNING")
+            self._state["runs"][trial.trial_id] = rec.mlflow_run_id
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         """Called by Ray in the driver for every epoch a trial reports."""
@@ -157,7 +157,7 @@ class StudyCallback(Callback):
     # ------------------------------------------------------------ helpers
 
     def _finished(self, rec: TrialRecord) -> None:
-        self._state["runs"][rec.trial_id] = (rec.mlflow_run_id, "FINISHED")
+        self._state["runs"][rec.trial_id] = rec.mlflow_run_id
         self.write_table()
         if self._state["view"]:
             self._state["view"].finished(rec)

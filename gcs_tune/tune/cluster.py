@@ -13,7 +13,6 @@ import ray
 
 from gcs_tune.config import ConfigError
 
-log = logging.getLogger(__name__)
 PASS_ENV = ("TORCH_HOME", "XDG_CACHE_HOME", "CUDA_LAUNCH_BLOCKING")
 
 
@@ -52,8 +51,6 @@ def plan(gpus: float | None, gpus_per_trial: float, cpus_per_trial: float, cap: 
     have_gpus, have_cpus = float(total.get("GPU", 0.0)), float(total.get("CPU", 0.0))
     nodes = alive_nodes()
     gpus = have_gpus if gpus is None else float(gpus)
-    if gpus < 0:
-        raise ConfigError(f"--gpus must be >= 0, got {gpus}")
     if gpus > have_gpus:
         raise ConfigError(f"--gpus {gpus:g}: the Ray cluster has {have_gpus:g} GPU(s) "
                           f"({len(nodes)} node(s), {have_cpus:g} CPUs); ask for at most {have_gpus:g}, "
@@ -76,34 +73,31 @@ def plan(gpus: float | None, gpus_per_trial: float, cpus_per_trial: float, cap: 
     return Plan(gpus, resources, concurrent, len(nodes))
 
 
-@ray.remote(num_cpus=1)
-def _warm(cfg_trees: list[dict]) -> str:
+def _warm_one_node(cfg_trees: list[dict], device: str | None, progress=None) -> str:
     from gcs_tune.config import build_config
     from gcs_tune.prepare import prepare
 
+    overrides = {"backbone.device": device} if device else {}
     for tree in cfg_trees:
-        prepare(build_config(tree, source="<warm>"))
+        prepare(build_config(tree, overrides, source="<warm>"), progress)
     return ray.util.get_node_ip_address()
 
 
-def warm_caches(cfg_trees: list[dict], progress=None) -> None:
-    """Compute every frozen feature the trials will read, once per node, before the search.
+def warm_caches(cfg_trees: list[dict], device: str | None, resources: dict[str, float], progress=None) -> None:
+    """Compute every frozen feature the trials will read, once per node, before the search, on the
+    trials' device (``device`` as theirs; with a GPU share the features are bf16 there).
 
-    One node: in the driver (with a progress bar). Several: one pinned task per node, so no two
-    trials of a node race to encode the same split."""
+    One node: in the driver (with a progress bar). Several: one pinned task per node with a
+    trial's resources, so no two trials of a node race to encode the same split."""
     nodes = alive_nodes()
     if len(nodes) <= 1:
-        from gcs_tune.config import build_config
-        from gcs_tune.prepare import prepare
-
-        for tree in cfg_trees:
-            prepare(build_config(tree, source="<warm>"), progress)
+        _warm_one_node(cfg_trees, device, progress)
         return
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    tasks = [_warm.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-             .remote(cfg_trees) for n in nodes]
-    ray.get(tasks)
+    task = ray.remote(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0))(_warm_one_node)
+    ray.get([task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+             .remote(cfg_trees, device) for n in nodes])
 
 
 def run_task(fn, resources: dict[str, float], *args):

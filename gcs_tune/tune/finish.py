@@ -11,10 +11,11 @@ from typing import Any
 
 import yaml
 from rich.console import Console
-from rich.markup import escape
 
+from gcs_tune.config import ObjectiveConfig
+from gcs_tune.objective import resolve_floor
 from gcs_tune.tune.plots import make_plots
-from gcs_tune.tune.results import TABLE, TERMINAL, Winner, read_table, select_winner
+from gcs_tune.tune.results import TABLE, TERMINAL, Winner, describe_trial, read_table, select_winner
 from gcs_tune.tune.study import StudyDir, StudyInfo
 from gcs_tune.tune.tracking import Tracker, flatten, is_server_uri
 
@@ -68,26 +69,27 @@ def finish_study(study: StudyDir, info: StudyInfo, started_at: float) -> Outcome
     plots = make_plots(frame, study.local / "plots", floor, log_names) if not frame.empty else []
     for p in plots:
         study.upload(f"plots/{p.name}")
-    experiment_id = _log_parent(info, study, frame, winner, plots, interrupted, done, seconds)
-    _print_summary(info, study, frame, winner, interrupted, done, seconds, experiment_id)
+    experiment_id = _log_parent(info, study, frame, winner, plots, floor, interrupted, done, seconds)
+    _print_summary(info, study, frame, winner, floor, interrupted, done, seconds, experiment_id)
     return Outcome(study, info, done, interrupted, winner, started_at, seconds)
 
 
 def _floor(info: StudyInfo) -> float | None:
+    """The study's base floor when it is one number: absolute, or the CoOp reference's once it is
+    trained. A zero-shot floor is resolved inside each trial."""
     obj = info.base["objective"]
-    if obj["floor"] in ("absolute", "reference") and obj.get("value") is not None:
-        return max(0.0, obj["value"] - (obj["tolerance"] if obj["floor"] == "reference" else 0.0))
-    return None
+    if obj["floor"] == "zero_shot" or obj.get("value") is None:
+        return None
+    return resolve_floor(ObjectiveConfig.model_validate(obj), None)
 
 
-def _log_parent(info, study, frame, winner, plots, interrupted, done, seconds) -> str:
+def _log_parent(info, study, frame, winner, plots, floor, interrupted, done, seconds) -> str:
     """Log the study's summary on its parent run; returns the MLflow experiment id."""
-    tracker = Tracker(info.tracking_uri, info.experiment)
-    tracker.parent_id = info.parent_run_id
+    tracker = Tracker(info.tracking_uri, info.experiment, parent_id=info.parent_run_id)
     optuna_file = study.local / "optuna.yaml"
     metrics = {"trials_done": float(done), "search_seconds": seconds}
-    if _floor(info) is not None:
-        metrics["base_floor"] = _floor(info)
+    if floor is not None:
+        metrics["base_floor"] = floor
     tags: dict[str, Any] = {"state": "interrupted" if interrupted else "finished"}
     if not frame.empty:
         for state in TERMINAL:
@@ -109,14 +111,14 @@ def _log_parent(info, study, frame, winner, plots, interrupted, done, seconds) -
     return tracker.experiment_id
 
 
-def _print_summary(info, study, frame, winner, interrupted, done, seconds, experiment_id) -> None:
+def _print_summary(info, study, frame, winner, floor, interrupted, done, seconds, experiment_id) -> None:
     console.rule(f"study {info.name}")
     counts = ", ".join(f"{(frame['state'] == s).sum()} {s}" for s in TERMINAL) if not frame.empty else "no trials"
     console.print(f"{done}/{info.trials} trials done in {seconds:.0f} s ({counts})")
     if info.reference:
         ref = info.reference
         console.print(f"CoOp reference (validation): base {ref['base_acc']:.2f}, novel {ref['novel_acc']:.2f}, "
-                      f"HM {ref['hm']:.2f}; base floor {_floor(info):.2f}")
+                      f"HM {ref['hm']:.2f}; base floor {floor:.2f}")
     if winner is None:
         console.print("[yellow]no trial finished all its epochs yet[/]")
     else:
@@ -138,22 +140,6 @@ def _print_summary(info, study, frame, winner, interrupted, done, seconds, exper
     else:
         console.print(f"retrain the winner: [bold]python -m gcs_tune.best --storage {info.storage} "
                       f"--name {info.name} --export[/]")
-
-
-def describe_trial(label: str, row: dict) -> str:
-    params = " ".join(escape(f"{k[6:]}={_short(v)}") for k, v in row.items() if k.startswith("param.") and _present(v))
-    test = (f"; test HM {row['test_hm']:.2f} (reported, not selected on)"
-            if _present(row.get("test_hm")) else "")
-    return (f"{label}: trial {int(row['number'])} ({row['state']}) validation HM {row['hm']:.2f} "
-            f"(base {row['base_acc']:.2f}, novel {row['novel_acc']:.2f}){test}  {params}")
-
-
-def _short(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _present(v: Any) -> bool:
-    return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
 def _finite(v: Any) -> bool:

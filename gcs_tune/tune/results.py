@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from rich.markup import escape
 
 from gcs_tune.tune.study import StudyDir
 
@@ -110,29 +111,39 @@ class Winner:
     feasible: bool  # False: nothing met the floor; this is the least violating trial
 
 
+def rank(metrics: dict[str, Any], number: int) -> tuple:
+    """Sort key of the winner rule, smaller is better: feasible first, then validation HM, ties by
+    base accuracy; if not feasible, the least violation, then HM; last, the earlier trial."""
+    if metrics.get("feasible", 0.0) >= 0.5:
+        return (0, -metrics.get("hm", 0.0), -metrics.get("base_acc", 0.0), number)
+    return (1, metrics.get("violation", math.inf), -metrics.get("hm", 0.0), number)
+
+
 def select_winner(frame: pd.DataFrame) -> Winner | None:
-    """Feasible first, then validation HM, ties by base accuracy; if no trial is feasible, the
-    least violation (then HM). Only trials that ran all their epochs compete: a pruned trial's
-    numbers are from an earlier epoch, a diverged or failed one has none."""
-    if frame.empty:
+    """The best trial by :func:`rank`. Only trials that ran all their epochs compete: a pruned
+    trial's numbers are from an earlier epoch, a diverged or failed one has none."""
+    done = frame[frame["state"] == "complete"].to_dict("records") if not frame.empty else []
+    if not done:
         return None
-    done = frame[frame["state"] == "complete"]
-    if done.empty:
-        return None
-    feasible = done[done["feasible"] >= 0.5]
-    if not feasible.empty:
-        best = feasible.sort_values(["hm", "base_acc", "number"], ascending=[False, False, True]).iloc[0]
-        return Winner(best.to_dict(), True)
-    best = done.sort_values(["violation", "hm", "number"], ascending=[True, False, True]).iloc[0]
-    return Winner(best.to_dict(), False)
+    best = min(done, key=lambda row: rank(row, row["number"]))
+    return Winner(best, best["feasible"] >= 0.5)
 
 
 def best_so_far(records: list[TrialRecord]) -> TrialRecord | None:
     """The live view's leader by the same rule, over finished trials."""
     done = [r for r in records if r.state == "complete"]
-    if not done:
-        return None
-    return max(done, key=lambda r: (r.metrics.get("feasible", 0.0) >= 0.5,
-                                    r.metrics.get("hm", 0.0) if r.metrics.get("feasible", 0.0) >= 0.5
-                                    else -r.metrics.get("violation", math.inf),
-                                    r.metrics.get("base_acc", 0.0)))
+    return min(done, key=lambda r: rank(r.metrics, r.number)) if done else None
+
+
+def describe_trial(label: str, row: dict) -> str:
+    """One line for the terminal (rich markup): a trial's validation numbers and its values."""
+    params = " ".join(escape(f"{k[6:]}={_short(v)}") for k, v in row.items()
+                      if k.startswith("param.") and not _missing(v))
+    test = (f"; test HM {row['test_hm']:.2f} (reported, not selected on)"
+            if not _missing(row.get("test_hm")) else "")
+    return (f"{label}: trial {int(row['number'])} ({row['state']}) validation HM {row['hm']:.2f} "
+            f"(base {row['base_acc']:.2f}, novel {row['novel_acc']:.2f}){test}  {params}")
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

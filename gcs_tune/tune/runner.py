@@ -3,9 +3,7 @@ feature cache, run the CoOp reference, then Ray Tune with the Optuna searcher, A
 driver-side callback. ``gcs_tune.search`` is the command line around :func:`run_search`."""
 from __future__ import annotations
 
-import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,6 @@ from gcs_tune.tune.study import StudyDir, StudyInfo, absolute_paths, is_shared, 
 from gcs_tune.tune.tracking import Tracker, absolute_tracking_uri, default_tracking_uri, is_server_uri
 from gcs_tune.tune.trainable import TrialSetup, run_reference, train_trial
 
-log = logging.getLogger(__name__)
 DEFAULT_STORAGE = "searches"
 
 
@@ -55,15 +52,17 @@ def run_search(opts: SearchOptions, trainable: Callable = train_trial) -> Outcom
         given = info.tracking_uri if info else opts.tracking_uri
         tracking = absolute_tracking_uri(given) if given else _default_tracking(study, storage)
         _check_cluster(plan, storage, tracking)
-        cluster.warm_caches([space.base.to_dict()], opts.progress)
+        device = "cpu" if plan.gpus == 0 else None  # None: CUDA where the trial has a GPU
+        # features on the trials' device: its precision is part of the cache key
+        cluster.warm_caches([space.base.to_dict()], device, plan.resources, opts.progress)
         if info is None:
             info = _new_study(study, space, opts, storage, plan, tracking)
         else:  # resumed: the parent run is live again until the study ends
             Tracker(info.tracking_uri, info.experiment).open_study(info.name, info.parent_run_id, {})
         if info.reference_pending:
-            _reference(study, info, space, plan)
+            _reference(study, info, space, device)
         setup = TrialSetup(base=info.base, keys=space.keys(), threads=max(1, int(info.resources["cpu"])),
-                           device="cpu" if info.gpus == 0 else None)
+                           device=device)
         start = time.time()
         _fit(study, info, space, setup, trainable, plan, opts.live)
         return finish_study(study, info, start)
@@ -141,12 +140,10 @@ def _new_study(study: StudyDir, space: Space, opts: SearchOptions, storage: str,
     return info
 
 
-def _reference(study: StudyDir, info: StudyInfo, space: Space, plan: cluster.Plan) -> None:
+def _reference(study: StudyDir, info: StudyInfo, space: Space, device: str | None) -> None:
     """Train the CoOp reference with the study's budget (as a Ray task with a trial's resources),
     log it as its own run, and make its validation base accuracy the floor's reference value."""
-    tracker = Tracker(info.tracking_uri, info.experiment)
-    tracker.parent_id = info.parent_run_id
-    device = "cpu" if info.gpus == 0 else None
+    tracker = Tracker(info.tracking_uri, info.experiment, parent_id=info.parent_run_id)
     epochs = cluster.run_task(run_reference, info.resources, info.base, device, int(info.resources["cpu"]))
     info.reference = log_reference(tracker, info, epochs)
     info.base["objective"]["value"] = info.reference["base_acc"]
@@ -189,9 +186,3 @@ def _fit(study: StudyDir, info: StudyInfo, space: Space, setup: TrialSetup, trai
                                       failure_config=tune.FailureConfig(max_failures=space.spec.failure.max_failures)))
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Ray's own status table would fight the live view
     tuner.fit()
-
-
-def remove_study(study: StudyDir) -> None:
-    """Delete a local study folder (tests, scripts)."""
-    if not study.remote and study.local.exists():
-        shutil.rmtree(study.local)

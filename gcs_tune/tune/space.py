@@ -38,6 +38,9 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_MISSING = object()
+
+
 class Param(_Model):
     key: str  # dotted run config key, e.g. method.rho
     type: Literal["loguniform", "uniform", "int", "choice"]
@@ -79,6 +82,14 @@ class Param(_Model):
             if self.type == "loguniform" and lo <= 0:
                 raise ValueError(f"loguniform needs low > 0, got {lo}")
         return self
+
+    def active(self, values: dict[str, Any]) -> bool:
+        """Whether this parameter exists, given the values of the earlier ones (``when``)."""
+        return not self.when or all(values.get(k, _MISSING) in allowed for k, allowed in self.when.items())
+
+    def bounds(self, values: dict[str, Any]) -> tuple[Any, Any]:
+        """(low, high), a bound that names an earlier parameter taking that parameter's value."""
+        return tuple(values[b] if isinstance(b, str) else b for b in (self.low, self.high))
 
     def numeric_range(self, ranges: dict[str, tuple[float, float]]) -> tuple[float, float] | None:
         """(smallest, largest) value this parameter can take, given the earlier params' ranges."""
@@ -142,10 +153,9 @@ class Space:
         """Short name -> dotted run config key."""
         return {name: p.key for name, p in self.params.items()}
 
-    def apply(self, values: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
+    def apply(self, values: dict[str, Any]) -> RunConfig:
         """The run config of a trial: the base with the sampled ``values`` (inactive ones absent)."""
-        base = base or self.base
-        return base.replace(**{self.params[n].key: v for n, v in values.items() if n in self.params})
+        return apply_values(self.params, self.base, values)
 
     def sampler(self) -> "SpaceSampler":
         return SpaceSampler(self.spec.params)
@@ -163,20 +173,20 @@ class SpaceSampler:
     def __call__(self, trial) -> dict[str, Any]:
         values: dict[str, Any] = {}
         for name, p in self.params.items():
-            if p.when and not all(values.get(k, _MISSING) in allowed for k, allowed in p.when.items()):
-                continue
-            values[name] = _suggest(trial, name, p, values)
+            if p.active(values):
+                values[name] = _suggest(trial, name, p, values)
         return values
 
 
-_MISSING = object()
+def apply_values(params: dict[str, Param], base: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """``base`` with each searched value under its run config key."""
+    return base.replace(**{params[n].key: v for n, v in values.items() if n in params})
 
 
 def _suggest(trial, name: str, p: Param, values: dict[str, Any]):
     if p.type == "choice":
         return trial.suggest_categorical(name, p.values)
-    lo = values[p.low] if isinstance(p.low, str) else p.low
-    hi = values[p.high] if isinstance(p.high, str) else p.high
+    lo, hi = p.bounds(values)
     if p.type == "int":
         return trial.suggest_int(name, int(math.ceil(lo)), int(math.floor(hi)), step=int(p.step or 1), log=p.log)
     return trial.suggest_float(name, float(lo), float(hi), log=p.type == "loguniform", step=p.step)

@@ -8,7 +8,6 @@ epochs twice. sqlite allows one writer, which is why trials never log themselves
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 from pathlib import Path
@@ -16,10 +15,9 @@ from typing import Any, Iterable
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # research clusters are often offline
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-log = logging.getLogger(__name__)
 TAG_STUDY, TAG_ROLE, TAG_TRIAL = "gcs_tune.study", "gcs_tune.role", "gcs_tune.trial_id"
 TAG_STUDY_RUN, TAG_PARENT = "gcs_tune.study_run_id", "mlflow.parentRunId"
 
@@ -54,7 +52,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Tracker:
     """A thin MlflowClient wrapper bound to one study's experiment and parent run."""
 
-    def __init__(self, uri: str, experiment: str, artifact_root: str | None = None):
+    def __init__(self, uri: str, experiment: str, artifact_root: str | None = None, parent_id: str | None = None):
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
@@ -62,7 +60,7 @@ class Tracker:
             self.experiment_id = found.experiment_id
         else:  # artifacts beside the study, absolute: sqlite's default is ./mlartifacts of the CWD
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
-        self.parent_id: str | None = None
+        self.parent_id = parent_id  # the study's run: trials and side runs are its children
 
     # ------------------------------------------------------------ runs of the study
 
@@ -91,9 +89,6 @@ class Tracker:
             if Path(path).is_file():
                 self.client.log_artifact(run_id, str(path), folder)
 
-    def log_text(self, run_id: str, text: str, name: str) -> None:
-        self.client.log_text(run_id, text, name)
-
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
@@ -105,11 +100,11 @@ class Tracker:
 
     # ------------------------------------------------------------ trials
 
-    def trial_runs(self) -> dict[str, tuple[str, str]]:
-        """Ray trial id -> (run id, status) of the parent's live child runs."""
+    def trial_runs(self) -> dict[str, str]:
+        """Ray trial id -> run id of the parent's live child runs."""
         runs = self.client.search_runs([self.experiment_id], f"tags.`{TAG_PARENT}` = '{self.parent_id}'",
                                        max_results=50000)
-        return {r.data.tags.get(TAG_TRIAL, ""): (r.info.run_id, r.info.status) for r in runs}
+        return {r.data.tags.get(TAG_TRIAL, ""): r.info.run_id for r in runs}
 
     def start_trial(self, trial_id: str, run_name: str, params: dict[str, Any], study: str,
                     existing: str | None = None) -> str:
@@ -121,9 +116,6 @@ class Tracker:
             TAG_PARENT: self.parent_id, TAG_TRIAL: trial_id, TAG_STUDY: study, TAG_ROLE: "trial"})
         self.log_run(run.info.run_id, params=params)
         return run.info.run_id
-
-    def is_finished(self, status: str) -> bool:
-        return status in (RunStatus.to_string(RunStatus.FINISHED), RunStatus.to_string(RunStatus.FAILED))
 
 
 def _param_text(value: Any) -> str:

@@ -14,7 +14,7 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,6 @@ class TrialSetup:
     keys: dict[str, str]  # searched short name -> dotted run config key
     threads: int = 1  # torch CPU threads of one trial (its CPU share)
     device: str | None = None  # "cpu" when the search has no GPUs (--gpus 0)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def trial_config(setup: TrialSetup, params: dict[str, Any]) -> RunConfig:

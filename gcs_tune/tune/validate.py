@@ -8,7 +8,7 @@ from typing import Any
 
 from gcs_tune.config import ConfigError, RunConfig
 from gcs_tune.methods.table import METHODS
-from gcs_tune.tune.space import _MISSING, Param, Space, SpaceFile, SpaceSampler
+from gcs_tune.tune.space import Param, SpaceFile, SpaceSampler, apply_values
 
 
 def check_params(spec: SpaceFile, base: RunConfig, source: str) -> None:
@@ -23,7 +23,7 @@ def check_params(spec: SpaceFile, base: RunConfig, source: str) -> None:
             if ref not in seen:
                 raise ConfigError(f"{where}.when: {ref!r} is not an earlier parameter")
         rng = p.numeric_range(ranges)
-        if rng is not None and p.type != "choice" and rng[0] >= rng[1] and p.type != "int":
+        if rng is not None and p.type in ("uniform", "loguniform") and rng[0] >= rng[1]:
             raise ConfigError(f"{where}: empty range: low can reach {rng[0]}, high is {rng[1]}")
         _check_knob(name, p, spec, base, where)
         if rng is not None:
@@ -31,7 +31,7 @@ def check_params(spec: SpaceFile, base: RunConfig, source: str) -> None:
         seen.add(name)
     for label, values in _corners(spec):
         try:
-            base.replace(**{spec.params[n].key: v for n, v in values.items()})
+            apply_values(spec.params, base, values)
         except ConfigError as exc:
             shown = ", ".join(f"{n}={v!r}" for n, v in values.items())
             reason = "; ".join(line.removeprefix("<replace>: ") for line in str(exc).splitlines())
@@ -47,16 +47,15 @@ def _corners(spec: SpaceFile):
                                 + [(f"{n}={v!r}", (n, v), 0) for n, v in choices]):
         values: dict[str, Any] = {}
         for name, p in spec.params.items():
-            if p.when and not all(values.get(k, _MISSING) in allowed for k, allowed in p.when.items()):
+            if not p.active(values):
                 continue
             if pinned and pinned[0] == name:
                 values[name] = pinned[1]
             elif p.type == "choice":
                 values[name] = p.values[-side]
             else:
-                lo = values[p.low] if isinstance(p.low, str) else p.low
-                hi = values[p.high] if isinstance(p.high, str) else p.high
-                values[name] = (int(lo), int(hi))[side] if p.type == "int" else (float(lo), float(hi))[side]
+                bound = p.bounds(values)[side]
+                values[name] = int(bound) if p.type == "int" else float(bound)
         yield label, values
 
 
@@ -95,10 +94,8 @@ def _check_defaults(spec: SpaceFile, base: RunConfig, source: str) -> None:
             sampled = SpaceSampler(spec.params)(FixedTrial(values))
         for name, value in sampled.items():
             _check_in_range(name, spec.params[name], value, sampled)
-        Space(spec, base, source, "").apply(sampled)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: defaults: {exc}") from None
-    except (ValueError, KeyError) as exc:
+        apply_values(spec.params, base, sampled)
+    except (ValueError, KeyError) as exc:  # ConfigError is a ValueError
         raise ConfigError(f"{source}: defaults: {exc}") from None
 
 
@@ -107,7 +104,6 @@ def _check_in_range(name: str, p: Param, value: Any, values: dict[str, Any]) -> 
         if value not in p.values:
             raise ValueError(f"{name}={value!r} is not one of {p.values}")
         return
-    lo = values[p.low] if isinstance(p.low, str) else p.low
-    hi = values[p.high] if isinstance(p.high, str) else p.high
+    lo, hi = p.bounds(values)
     if not lo <= value <= hi:
         raise ValueError(f"{name}={value!r} is outside [{lo}, {hi}]")
