@@ -41,7 +41,7 @@ class DataConfig(_Section):
     # pseudo-base (trained on) and pseudo-novel halves; novel classes are never read.
     split: Literal["base_novel", "pseudo_novel"] = "base_novel"
     pseudo_seed: int = 0
-    lab_variant: str = "v1"  # construction of the lab's downstream domain (gcs_tune.data.lab.LAB_VARIANTS)
+    lab_variant: str = "v2"  # construction of the lab's downstream domain (gcs_tune.data.lab.LAB_VARIANTS)
 
     @field_validator("views", mode="before")
     @classmethod
@@ -88,6 +88,10 @@ class PromptConfig(_Section):
     # The hand-crafted prompt (zero-shot reference, KgCoOp target). None: the dataset's own
     # template from CoOp's table (gcs_tune.data.templates), "a photo of a {}." where it has none.
     zero_shot_template: str | None = None
+    # Deep prompts (PromptSRC, CasPL): vision tokens, and the number of blocks of each tower that
+    # get new tokens (9 in PromptSRC on ViT-B/16; clipped to a tower's blocks: the lab's have 4).
+    n_ctx_vision: int = Field(4, ge=1, le=64)
+    depth: int = Field(9, ge=1, le=64)
 
     @model_validator(mode="after")
     def _check(self) -> "PromptConfig":
@@ -110,6 +114,34 @@ class MethodConfig(_Section):
     # The SAM family's two gradients in fp32 even under bf16 autocast: at small rho, g_s - g is near
     # bf16 rounding and GCSAM's case choice would be noise. "autocast": backbone.precision.
     grad_precision: Literal["fp32", "autocast"] = "fp32"
+    # SubPT: U from the context after each of the first subspace_epochs epochs (t_early), top
+    # subspace_rank principal directions (r); the rule it wraps (the authors': SGD).
+    subspace_rank: int = Field(10, ge=1)
+    subspace_epochs: int = Field(30, ge=1)
+    subspace_inner: Literal["sgd", "sam", "gcsam"] = "sgd"
+    # NFL's extra class names: none, the run's novel names ("novel": a transductive use of the
+    # novel vocabulary, as the authors' base-to-novel scripts), or a file with one name per line.
+    nfl_names: str = "none"
+    nfl_weight: float | None = Field(None, ge=0.0)  # λ; None: the method's default (1)
+    # PromptSRC: weights of the L1 text / image consistency terms (None: 25 / 10) and the Gaussian
+    # prompt aggregation over epochs, w_e ∝ N(e; gpa_mean, gpa_std).
+    scl_text_weight: float | None = Field(None, ge=0.0)
+    scl_image_weight: float | None = Field(None, ge=0.0)
+    gpa_mean: float = 15.0
+    gpa_std: float = Field(1.0, gt=0.0)
+    # CasPL: the teacher (an open_clip name; lab-vit-teacher is shipped, pretrained None = its
+    # packaged weights) and the boosting prompt's stage 1 (KL to the teacher's logits on the
+    # unlabeled train images, temperature kd_temperature); trained once per seed boost_seed, cached.
+    teacher_model: str = "lab-vit-teacher"
+    teacher_pretrained: str | None = None
+    kd_temperature: float = Field(1.0, gt=0.0)
+    boost_n_ctx: int = Field(8, ge=1, le=64)
+    boost_depth: int = Field(12, ge=1, le=64)
+    boost_epochs: int = Field(20, ge=1)
+    boost_batch_size: int = Field(4, ge=1)
+    boost_lr: float = Field(0.0025, gt=0.0)
+    boost_seed: int = 1
+    boost_shots: int | None = Field(None, ge=1)  # unlabeled images per class for stage 1; None: all (theirs)
 
     @model_validator(mode="after")
     def _check(self) -> "MethodConfig":
@@ -119,6 +151,14 @@ class MethodConfig(_Section):
 
         if self.name not in METHODS:
             raise ValueError(f"unknown method {self.name!r}; known: {', '.join(sorted(METHODS))}")
+        if self.subspace_rank > self.subspace_epochs:
+            raise ValueError(f"subspace_rank ({self.subspace_rank}) must be <= subspace_epochs "
+                             f"({self.subspace_epochs}): U comes from that many snapshots")
+        if self.nfl_names not in ("none", "novel") and not Path(self.nfl_names).expanduser().is_file():
+            raise ValueError(f"nfl_names: {self.nfl_names}: no such file (none, novel, or a file of names)")
+        if "nfl" in METHODS[self.name].losses and self.nfl_names == "none":
+            raise ValueError(f"method {self.name} needs extra class names: method.nfl_names=novel (the "
+                             "run's novel names, transductive) or a file with one name per line")
         return self
 
 

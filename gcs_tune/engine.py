@@ -15,12 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from gcs_tune.config import RunConfig
-from gcs_tune.methods.losses import LOSS_TERMS, LossInputs
-from gcs_tune.methods.table import METHODS, PROMPTERS, STEP_RULES
-from gcs_tune.model.prompters import build_bank
-from gcs_tune.model.text import PromptedTextEncoder
+from gcs_tune.methods.assemble import build_run, loss_weights  # noqa: F401  (loss_weights: re-exported)
+from gcs_tune.methods.loop import Run, batches, learning_rate, train_epoch  # noqa: F401  (batches: re-exported)
+from gcs_tune.methods.table import METHODS
+from gcs_tune.model.precision import fp32
 from gcs_tune.objective import harmonic_mean, resolve_floor, score, worst
-from gcs_tune.model.precision import autocast, fp32
 from gcs_tune.prepare import Prepared, SplitFeatures, prepare
 
 
@@ -114,113 +113,73 @@ def evaluate(split: SplitFeatures, text: torch.Tensor, prep: Prepared) -> Accura
     return Accuracy(base, novel, n_base, n_novel)
 
 
-def learning_rate(cfg: RunConfig, epoch: int) -> float:
-    """Dassl's schedule (0-based epoch): ``warmup_lr`` for ``warmup_epochs``, then a cosine over
-    ``epochs`` that starts counting after the warm-up (``WARMUP_RECOUNT=True``): epoch e >= W gets
-    ½·lr·(1 + cos(π(e − W)/E)), so the first epoch after warm-up runs at the full lr."""
-    sched = cfg.schedule
-    if epoch < sched.warmup_epochs:
-        return sched.warmup_lr
-    return 0.5 * cfg.optim.lr * (1 + math.cos(math.pi * (epoch - sched.warmup_epochs) / sched.epochs))
-
-
-def batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Dassl's train loader: the last partial batch is dropped when the split holds a full one."""
-    chunks = list(order.split(batch_size))
-    if len(order) >= batch_size and len(chunks[-1]) < batch_size:
-        chunks.pop()
-    return chunks
-
-
-def loss_weights(cfg: RunConfig) -> dict[str, float]:
-    weights = dict(METHODS[cfg.method.name].losses)
-    if "kg" in weights and cfg.method.kg_weight is not None:
-        weights["kg"] = cfg.method.kg_weight
-    return {k: w for k, w in weights.items() if w > 0}
-
-
 def fit(cfg: RunConfig, prepared: Prepared | None = None, progress=None) -> Iterator[EpochResult]:
-    """Train the prompt of ``cfg``'s method; one result per epoch, the last one with ``final``."""
+    """Train the prompt of ``cfg``'s method; one result per epoch, the last one with ``final``.
+
+    The method's row decides everything trained (gcs_tune.methods.assemble); a stage before the
+    run (CasPL's boosting prompt) and a rule's pilot pass (SubPT's phase A) count in epoch 1's
+    seconds."""
     prep = prepared or prepare(cfg, progress)
-    bb, device = prep.backbone, prep.backbone.device
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    encoder = PromptedTextEncoder(bb.model)
-    classnames = list(prep.classnames)
-    train_bank = build_bank(encoder, bb.tokenizer, classnames[prep.base.start:prep.base.stop],
-                            list(prep.base), cfg.prompt.n_ctx)
-    all_bank = build_bank(encoder, bb.tokenizer, classnames, list(range(len(classnames))), cfg.prompt.n_ctx)
-    method = METHODS[cfg.method.name]
-    prompter = PROMPTERS[method.prompter](cfg, encoder, bb.tokenizer, len(prep.base), gen)
-    params = list(prompter.parameters())
-    optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
-    step = STEP_RULES[method.step](cfg.method, params, optimizer)
-    weights = loss_weights(cfg)
-    scale = bb.model.logit_scale.exp().detach()
-    frozen_base_text = prep.zero_shot_text[prep.base.start:prep.base.stop]
-    precision = autocast(device, cfg.backbone.precision)
-    exact = step.two_pass and cfg.method.grad_precision == "fp32"  # the SAM family compares g_s with g
-    train_precision = fp32(device) if exact else autocast(device, cfg.backbone.precision)
+    start = time.perf_counter()
+    run, ok = _pilot(cfg, prep, build_run(cfg, prep))
+    before = time.perf_counter() - start
     zs_val = evaluate(prep.val, prep.zero_shot_text, prep)
     floor = resolve_floor(cfg.objective, zs_val.base)
-    n_train = prep.train.labels.shape[0]
     val = zs_val
 
     for epoch in range(cfg.schedule.epochs):
-        start = time.perf_counter()
-        lr = learning_rate(cfg, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        feats = prep.train.epoch(epoch, gen)  # (N, D): this epoch's augmented draw of every image
-        order = torch.randperm(n_train, generator=gen)
-        total, steps = 0.0, 0
-        for chunk in batches(order, cfg.optim.batch_size):
-            idx = chunk.to(device)
-            image_feats, targets = feats[idx], prep.train.labels[idx] - prep.base.start  # (B, D), (B,)
-
-            def closure() -> torch.Tensor:
-                with train_precision:
-                    text = prompter.text_features(encoder, train_bank)  # (n_base, D)
-                    inputs = LossInputs(image_feats, targets, text, frozen_base_text, scale)
-                    loss = sum(w * LOSS_TERMS[name](inputs) for name, w in weights.items())
-                loss.backward()
-                return loss.detach()
-
-            loss = float(step.step(closure))
-            total, steps = total + loss, steps + 1
-            if not math.isfinite(loss):
-                break
-        train_loss = total / max(steps, 1)
+        start = time.perf_counter() - (before if epoch == 0 else 0.0)
+        train_loss = train_epoch(run, epoch) if ok else float("nan")
         if not math.isfinite(train_loss):
             bad = worst(cfg.objective.penalty)
-            yield EpochResult(epoch + 1, cfg.schedule.epochs, train_loss, lr, Accuracy(0.0, 0.0),
+            yield EpochResult(epoch + 1, cfg.schedule.epochs, train_loss, learning_rate(cfg, epoch), Accuracy(0.0, 0.0),
                               bad.value, False, bad.violation, floor, time.perf_counter() - start,
-                              step.pop_stats(), diverged=True)
+                              run.step.pop_stats(), diverged=True)
             return
+        run.step.end_epoch(epoch)
+        run.averaging.update(epoch, run.prompter)
         last = epoch + 1 == cfg.schedule.epochs
         if last or (epoch + 1) % cfg.eval.every == 0:
-            val = evaluate(prep.val, _text(prompter, encoder, all_bank, precision), prep)
+            val = _evaluate(run, "val", prep)
         s = score(val.base, val.novel, floor, cfg.objective.penalty)
-        final = _final(cfg, prep, prompter, encoder, all_bank, zs_val, precision) if last else None
-        yield EpochResult(epoch + 1, cfg.schedule.epochs, train_loss, lr, val, s.value, s.feasible,
-                          s.violation, floor, time.perf_counter() - start, step.pop_stats(), final=final)
+        final = _final(cfg, prep, run, zs_val) if last else None
+        yield EpochResult(epoch + 1, cfg.schedule.epochs, train_loss, learning_rate(cfg, epoch), val, s.value,
+                          s.feasible, s.violation, floor, time.perf_counter() - start, run.step.pop_stats(), final=final)
+
+
+def _pilot(cfg: RunConfig, prep: Prepared, run: Run) -> tuple[Run, bool]:
+    """A rule's pilot pass (SubPT's phase A): the run's first ``pilot_epochs`` epochs, whose ends
+    the rule sees; then the run rebuilt from its seed, handed the pilot rule. False: it diverged."""
+    for epoch in range(run.step.pilot_epochs):
+        if not math.isfinite(train_epoch(run, epoch)):
+            return run, False
+        run.step.end_epoch(epoch)
+    if not run.step.pilot_epochs:
+        return run, True
+    fresh = build_run(cfg, prep)
+    fresh.step.after_pilot(run.step)
+    return fresh, True
 
 
 @torch.no_grad()
-def _text(prompter, encoder, bank, precision) -> torch.Tensor:
-    """(C, D) prompted text features, computed under the run's autocast (scored in fp32 after)."""
-    with precision:
-        return prompter.text_features(encoder, bank)
+def _evaluate(run: Run, split: str, prep: Prepared) -> Accuracy:
+    """Base/novel accuracy of the prompt the run evaluates (its average, if it keeps one): the
+    image features of the split from the run's image source, the text under the run's autocast."""
+    with run.averaging.applied(run.prompter):
+        with run.precision:
+            text = run.prompter.text_features(run.encoder, run.eval_bank)  # (C, D)
+            images = run.source.split(split, run.prompter)
+        return evaluate(images, text, prep)
 
 
 @torch.no_grad()
-def _final(cfg, prep, prompter, encoder, all_bank, zs_val, precision) -> FinalResult:
+def _final(cfg, prep, run: Run, zs_val) -> FinalResult:
     test = zs_test = None
     if prep.test is not None:
-        test = evaluate(prep.test, _text(prompter, encoder, all_bank, precision), prep)
+        test = _evaluate(run, "test", prep)
         zs_test = evaluate(prep.test, prep.zero_shot_text, prep)
-    state = {k: v.detach().float().cpu().clone() for k, v in prompter.state_dict().items()}
+    with run.averaging.applied(run.prompter):
+        state = {k: v.detach().float().cpu().clone() for k, v in run.prompter.state_dict().items()}
     return FinalResult(test=test, zero_shot_test=zs_test, zero_shot_val=zs_val,
                        prompt=prompt_payload(cfg, prep, state))
 
@@ -230,4 +189,5 @@ def prompt_payload(cfg: RunConfig, prep: Prepared, state: dict[str, torch.Tensor
     return {**state, "n_ctx": cfg.prompt.n_ctx, "class_specific": cfg.prompt.class_specific,
             "classnames": list(prep.classnames), "model": cfg.backbone.model, "pretrained": cfg.backbone.pretrained,
             "quick_gelu": prep.backbone.quick_gelu, "method": cfg.method.name, "zero_shot_template": prep.template,
+            "prompter": METHODS[cfg.method.name].prompter,  # "coop": ctx is all there is; others: deep.py
             "template": "[SOS] ctx_1..ctx_M <classname> . [EOS]"}

@@ -47,11 +47,21 @@ class TrainFeatures:
 
     def epoch(self, epoch: int, generator: torch.Generator) -> torch.Tensor:
         """(N, D) normalised features of every training image for ``epoch`` (0-based)."""
+        return self.features(self.draws(epoch, generator))
+
+    def draws(self, epoch: int, generator: torch.Generator) -> torch.Tensor:
+        """(N,) the draw each image shows at ``epoch``: draw ``epoch`` (``views: epoch``), or one
+        of the K held draws picked per image. The pixels of the per-image path are these draws."""
         n = self.labels.shape[0]
         if self.held is not None:
-            pick = torch.randint(self.held.shape[0], (n,), generator=generator)  # a view per image
-            return self.held[pick.to(self.device), torch.arange(n, device=self.device)]
-        return F.normalize(self.store.read(epoch)[1].to(self.device), dim=-1)
+            return torch.randint(self.held.shape[0], (n,), generator=generator)  # a view per image
+        return torch.full((n,), epoch, dtype=torch.long)
+
+    def features(self, draws: torch.Tensor) -> torch.Tensor:
+        """(N, D) normalised features of image i in draw ``draws[i]``."""
+        if self.held is not None:
+            return self.held[draws.to(self.device), torch.arange(draws.shape[0], device=self.device)]
+        return F.normalize(self.store.read(int(draws[0]))[1].to(self.device), dim=-1)  # one draw per epoch
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,10 @@ class Prepared:
     template: str  # the hand-crafted prompt
     encoding: Encoding
     seconds: float
+    # The images behind the features, for a method that runs the image tower itself (the
+    # per-image path of the image-feature seam, gcs_tune.methods.sources).
+    images: dict[str, ImageSet] = field(default_factory=dict)  # "train" (few-shot), "val", "test"
+    seed: int = 0  # the seed of the training draws (draw_rng(seed, image id, draw))
 
 
 def load_dataset(cfg: RunConfig) -> DatasetSplits:
@@ -168,6 +182,25 @@ def _train_features(backbone: Backbone, cfg: RunConfig, images: ImageSet,
     return TrainFeatures(labels, store, held, backbone.device), encoding
 
 
+def unlabeled_train(cfg: RunConfig, shots: int | None = None) -> ImageSet:
+    """Every train image of the classes a run may read (or ``shots`` per class, seeded), with the
+    run's labels, which no loss reads: CasPL's unlabeled domain images. All classes in a base_novel
+    split -- novel ones included, which is why CasPL is its own row -- and the base classes only in
+    a pseudo_novel split."""
+    splits = load_dataset(cfg)
+    n = len(splits.classnames)
+    kept = pseudo_novel_order(n, cfg.data.pseudo_seed) if cfg.data.split == "pseudo_novel" else list(range(n))
+    images = splits.train
+    if shots is not None:
+        images = sample_few_shot(images, shots, cfg.seed, f"{cfg.data.dataset} unlabeled train", labels=kept)
+    return images.relabel({old: new for new, old in enumerate(kept)})
+
+
+def train_features(backbone: Backbone, cfg: RunConfig, images: ImageSet) -> TrainFeatures:
+    """The seeded augmentation stream of ``images`` encoded by ``backbone`` (cached on disk)."""
+    return _train_features(backbone, cfg, images, None)[0]
+
+
 @torch.no_grad()
 def zero_shot_text(backbone: Backbone, classnames, template: str) -> torch.Tensor:
     """(C, D) normalised text features of the hand-crafted prompt, from open_clip's own encode_text
@@ -188,4 +221,6 @@ def prepare(cfg: RunConfig, progress: Progress = None) -> Prepared:
                     val=_eval_features(cache, backbone, cfg, "val", val, progress),
                     test=_eval_features(cache, backbone, cfg, "test", test, progress) if test is not None else None,
                     zero_shot_text=zero_shot_text(backbone, classnames, template), template=template,
-                    encoding=encoding, seconds=time.perf_counter() - start)
+                    encoding=encoding, seconds=time.perf_counter() - start,
+                    images={"train": train, "val": val, **({"test": test} if test is not None else {})},
+                    seed=cfg.seed)

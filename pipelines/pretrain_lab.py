@@ -200,21 +200,32 @@ def scores(feats, labels, class_feats) -> dict:
 
 @torch.no_grad()
 def evaluate(model, preprocess, tokenizer, args) -> dict:
-    """Zero-shot on both domains, and the frozen-feature probe on the downstream domain."""
+    """Zero-shot on the pre-training domain; zero-shot and the frozen-feature probe on every
+    downstream variant (v1's keys keep their names from before variants existed)."""
     text = F.normalize(encode_text_cut(model, caption_tokens(tokenizer, [EVAL_TEMPLATE])[0]), dim=-1)
     per, n_cls = args.eval_per_class, len(lab.LAB_CLASSNAMES)
     pre_labels = torch.arange(n_cls).repeat_interleave(per)
     pre_feats = image_features(model, preprocess, lambda i: lab.lab_image(
         "pretrain", i // per, lab.SPLIT_OFFSETS["test"] + i % per, args.data_seed), n_cls * per)
-    data = lab.lab_dataset(seed=args.data_seed, train_per_class=PROBE_SHOTS)
+    metrics = {"zero_shot_pretrain": scores(pre_feats, pre_labels, text)}
+    for variant in lab.LAB_VARIANTS:
+        suffix = "" if variant == "v1" else f"_{variant}"
+        zs, probe = downstream_scores(model, preprocess, text, variant, args)
+        metrics[f"zero_shot_downstream{suffix}"], metrics[f"probe_downstream{suffix}"] = zs, probe
+    return metrics
+
+
+def downstream_scores(model, preprocess, text, variant: str, args) -> tuple[dict, dict]:
+    """(zero-shot, nearest-class-mean probe) on the test split of one downstream variant."""
+    n_cls = len(lab.LAB_CLASSNAMES)
+    data = lab.lab_dataset(seed=args.data_seed, train_per_class=PROBE_SHOTS, variant=variant)
     test_labels = torch.tensor(data.test.labels)
     test_feats = image_features(model, preprocess, data.test.load, len(data.test))
     train_feats = image_features(model, preprocess, data.train.load, len(data.train))
     means = torch.stack([train_feats[torch.tensor(data.train.labels) == k].mean(0)
                          for k in range(n_cls)])
-    return {"zero_shot_pretrain": scores(pre_feats, pre_labels, text),
-            "zero_shot_downstream": scores(test_feats, test_labels, text),
-            "probe_downstream": scores(test_feats, test_labels, F.normalize(means, dim=-1))}
+    return (scores(test_feats, test_labels, text),
+            scores(test_feats, test_labels, F.normalize(means, dim=-1)))
 
 
 # --- checkpoint ---------------------------------------------------------------------------------
@@ -249,9 +260,7 @@ def write_report(args, metrics: dict, losses: list[float], times: dict) -> Path:
                    "command": "python pipelines/pretrain_lab.py"},
         "domains": {"pretrain": "32 px RGB coloured shapes, random position/size/rotation, dark "
                                 "background, colour jitter; all 64 classes",
-                    "downstream": f"pretrain domain with every hue rotated by "
-                                  f"{lab.HUE_SHIFT_DEG:+g} deg times the shape's sign "
-                                  f"{dict(zip(lab.SHAPES, lab.HUE_SIGN_BY_SHAPE.tolist()))}"},
+                    "downstream": {name: v.summary for name, v in lab.VARIANTS.items()}},
         "evaluation": {"data_seed": args.data_seed, "zero_shot_template": EVAL_TEMPLATE,
                        "pretrain_images_per_class": args.eval_per_class,
                        "probe": f"nearest class mean, {PROBE_SHOTS} shots per class, all 64 classes"

@@ -1,4 +1,6 @@
 """The lab image generator: deterministic pixels, the base/novel label order, disjoint splits."""
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -34,17 +36,67 @@ def test_any_changed_argument_changes_pixels(change):
     assert not np.array_equal(ref, other)
 
 
-def test_downstream_rotates_hue_by_shape_sign():
+def test_v1_downstream_rotates_hue_by_shape_sign():
     # Same draws, both domains: only the hue differs, by the shape's signed shift.
     labels = np.arange(len(LAB_CLASSNAMES))
     pre = lab._sample_params(np.random.default_rng(1), labels, "pretrain")
-    down = lab._sample_params(np.random.default_rng(1), labels, "downstream")
+    down = lab._sample_params(np.random.default_rng(1), labels, "downstream", "v1")
     shift = down["hue"] - pre["hue"]
     assert np.allclose(shift, lab.HUE_SHIFT_DEG * lab.HUE_SIGN_BY_SHAPE[lab.LABEL_SHAPE])
     assert {1.0, -1.0} == set(np.sign(shift))
     for key in pre:
         if key != "hue":
             assert np.array_equal(pre[key], down[key]), key
+
+
+# sha256 of the uint8 pixels of a few v1 images, recorded before the variants existed: v1's
+# documented numbers refer to exactly these images.
+V1_PIXELS = {("downstream", 17, 3, 7): "b53aa1a7", ("downstream", 40, 2000001, 0): "262c40f1",
+             ("pretrain", 5, 0, 0): "4ff6f985"}
+
+
+@pytest.mark.parametrize("args", sorted(V1_PIXELS))
+def test_v1_pixels_unchanged(args):
+    digest = hashlib.sha256(pixels(lab_image(*args, variant="v1")).tobytes()).hexdigest()[:8]
+    assert digest == V1_PIXELS[args]
+
+
+def test_v2_renames_pairs_of_same_shape_classes():
+    off = lab.VARIANTS["v2"].hue_offset
+    renamed = np.flatnonzero(off != 0)
+    assert len(renamed) == 2 * lab.V2_SWAPS
+    hue_of = lab.COLOUR_HUES[lab.LABEL_COLOUR]
+    drawn = np.mod(hue_of + off, 360.0)
+    for label in renamed:  # drawn in the colour of another class of its own shape, which is drawn in its colour
+        partner = np.flatnonzero((lab.LABEL_SHAPE == lab.LABEL_SHAPE[label]) & np.isclose(hue_of, drawn[label]))
+        assert len(partner) == 1 and partner[0] != label
+        assert np.isclose(drawn[partner[0]], hue_of[label])
+    assert len(set(np.round(drawn + 360 * lab.LABEL_SHAPE, 6))) == 64  # no two classes share shape and hue
+    assert 0 < (off[:32] != 0).sum() and 0 < (off[32:] != 0).sum()  # both halves hold renamed classes
+
+
+def test_v2_jitter_rescales_the_same_draws():
+    labels = np.arange(len(LAB_CLASSNAMES))
+    pre = lab._sample_params(np.random.default_rng(2), labels, "pretrain")
+    down = lab._sample_params(np.random.default_rng(2), labels, "downstream", "v2")
+    centre = lab.COLOUR_HUES[lab.LABEL_COLOUR]
+    scale = lab.V2_HUE_JITTER / lab.HUE_JITTER_DEG
+    assert np.allclose(down["hue"] - centre - lab.VARIANTS["v2"].hue_offset, scale * (pre["hue"] - centre))
+    assert np.array_equal(pre["sat"], down["sat"])
+
+
+def test_ids_name_the_variant_and_differ_between_variants():
+    a, b = lab_dataset(test_per_class=1, variant="v1"), lab_dataset(test_per_class=1, variant="v2")
+    assert all(i.startswith("lab-v1/") for i in a.test.ids)
+    assert all(i.startswith("lab-v2/") for i in b.test.ids)
+    assert not set(a.test.ids) & set(b.test.ids)
+    renamed = int(np.flatnonzero(lab.VARIANTS["v2"].hue_offset != 0)[0])
+    assert not np.array_equal(pixels(a.test.load(renamed)), pixels(b.test.load(renamed)))
+
+
+def test_unknown_variant_rejected():
+    with pytest.raises(ValueError, match="variant"):
+        lab_dataset(variant="v9")
 
 
 def test_64_unique_class_names_colour_then_shape():

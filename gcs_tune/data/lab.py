@@ -3,13 +3,26 @@
 64 classes = 8 colours x 8 shapes ("red circle", ...). Two domains share the renderer:
 
 * ``"pretrain"`` -- the "web" the lab CLIP is pre-trained on: 32 px RGB, random position, size and
-  rotation, dark background, mild colour jitter.
-* ``"downstream"`` -- the shifted task domain the prompt methods are scored on: the same images
-  with every hue rotated by ``HUE_SHIFT_DEG``, the sign of the rotation a function of the shape
-  (``HUE_SIGN_BY_SHAPE``). Zero-shot CLIP then misnames many colours, yet the classes stay
-  separable (a nearest-class-mean probe on frozen features stays high), so a prompt can learn the
-  correction. The sign depends on the shape, not on the base/novel split, so nothing in the
-  domain itself tells base from novel.
+  rotation, dark background, mild colour jitter (hue +-8 deg).
+* ``"downstream"`` -- the shifted task domain the prompt methods are scored on: the same draws, with
+  the hue changed per class by a *variant* (``VARIANTS``; the name goes into every image id):
+
+  - ``v1``: every hue rotated by ``HUE_SHIFT_DEG``, the sign set by the shape
+    (``HUE_SIGN_BY_SHAPE``). A per-attribute shift: CoOp learns it on base classes and it mostly
+    carries over, so novel accuracy ends only slightly below zero-shot.
+  - ``v2`` (the default): 12 random colour transpositions between classes of the same shape
+    (``colour_swaps``): 24 of the 64 classes are drawn in another class's colour, so their names
+    point at the wrong colour, and the hue jitter is widened to +-20 deg so that each class is
+    partly confusable with its neighbours (accuracies per class are graded, not 0 or 100 %).
+    Correcting a renamed class is a class-specific fact, not a rule: what the shared context
+    learns to fix the renamed base classes does not transfer, and it moves the text features of
+    classes it never saw away from the single template the text tower knows. The pairs are drawn
+    blind to the base/novel split, so the construction is exchangeable (no half of the classes is
+    special); the size of the drop on a given split still depends on which renamed classes fell
+    in each half (``pipelines/calibrate_lab.py`` measures random splits too).
+
+  In every variant zero-shot CLIP misnames many classes, yet the classes stay separable (a
+  nearest-class-mean probe on frozen features stays high), so a prompt can learn the correction.
 
 Labels are ordered for the base-to-novel protocol (first half base, second half novel) with a
 Latin-square split: class (shape s, colour c) is base when (s - c) mod 8 < 4, so every colour word
@@ -40,6 +53,7 @@ HUE_SHIFT_DEG = 22.0
 HUE_JITTER_DEG = 8.0  # per-image hue jitter (uniform +-) of the pre-training domain
 HUE_SIGN_BY_SHAPE = np.array([1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
 
+DEFAULT_VARIANT = "v2"  # the downstream construction used when none is named (as config's lab_variant)
 DOMAINS: dict[str, int] = {"pretrain": 0, "downstream": 1}  # the code goes into the rng key
 # Disjoint index ranges per split: a split can grow without ever sharing an image with another.
 SPLIT_OFFSETS: dict[str, int] = {"train": 0, "val": 1_000_000, "test": 2_000_000}
@@ -164,7 +178,7 @@ def _render(p: dict) -> np.ndarray:
     return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
 
 
-def lab_image(domain: str, label: int, index: int, seed: int, variant: str = "v1") -> Image.Image:
+def lab_image(domain: str, label: int, index: int, seed: int, variant: str = DEFAULT_VARIANT) -> Image.Image:
     """One 32x32 RGB image; its pixels depend only on the five arguments (``variant`` only
     matters on the downstream domain)."""
     if domain not in DOMAINS:
@@ -214,17 +228,51 @@ class _LabLoader:
 
 @dataclass(frozen=True)
 class LabVariant:
-    """A construction of the downstream domain: a hue offset (degrees) per label."""
+    """A construction of the downstream domain: a hue offset (degrees) per label and the width of
+    the per-image hue jitter. Everything else about the images is the pre-training domain's."""
 
     name: str
-    hue_offset: np.ndarray  # (64,)
+    hue_offset: np.ndarray  # (64,) degrees, indexed by label
     summary: str
-    hue_jitter: float = HUE_JITTER_DEG
+    hue_jitter: float = HUE_JITTER_DEG  # uniform +- degrees around the class hue
 
+
+def colour_swaps(n_pairs: int, seed: int) -> np.ndarray:
+    """Hue offsets (64,) of ``n_pairs`` disjoint colour transpositions, each between two classes
+    of the same shape: class (s, a) is drawn with colour b's hue and (s, b) with a's.
+
+    Pairs are drawn uniformly from all same-shape class pairs, blind to the base/novel split, so
+    the construction is exchangeable: any random half of the classes holds, in distribution, the
+    same share of renamed classes as any other. A transposition keeps the classes separable (two
+    classes never share a hue) while the class name now points at the wrong colour."""
+    rng = np.random.default_rng(seed)
+    offset, used = np.zeros(len(LAB_CLASSNAMES)), set()
+    while len(used) < 2 * n_pairs:
+        shape = rng.integers(len(SHAPES))
+        a, b = rng.choice(len(COLOURS), 2, replace=False)
+        la, lb = _LABEL_OF[(shape, a)], _LABEL_OF[(shape, b)]
+        if la in used or lb in used:
+            continue
+        used |= {la, lb}
+        offset[la] = _wrap(COLOUR_HUES[b] - COLOUR_HUES[a])
+        offset[lb] = _wrap(COLOUR_HUES[a] - COLOUR_HUES[b])
+    return offset
+
+
+def _wrap(degrees: float) -> float:
+    return (degrees + 180.0) % 360.0 - 180.0
+
+
+_LABEL_OF = {(s, c): label for label, (s, c) in enumerate(_ORDER)}
+V2_SWAPS, V2_SWAP_SEED, V2_HUE_JITTER = 12, 19, 20.0
 
 VARIANTS: dict[str, LabVariant] = {
     "v1": LabVariant("v1", HUE_SHIFT_DEG * HUE_SIGN_BY_SHAPE[LABEL_SHAPE],
-                     f"hue rotated by {HUE_SHIFT_DEG:g} deg, sign by shape"),
+                     f"every hue rotated by {HUE_SHIFT_DEG:g} deg, the sign set by the shape"),
+    "v2": LabVariant("v2", colour_swaps(V2_SWAPS, V2_SWAP_SEED),
+                     f"{V2_SWAPS} random same-shape colour transpositions ({2 * V2_SWAPS} of 64 classes "
+                     f"drawn in another class's colour), hue jitter +-{V2_HUE_JITTER:g} deg",
+                     hue_jitter=V2_HUE_JITTER),
 }
 LAB_VARIANTS = tuple(VARIANTS)  # the name goes into every downstream image id
 
@@ -235,7 +283,7 @@ def _check_variant(variant: str) -> None:
 
 
 def lab_dataset(seed: int = 0, train_per_class: int = 32, val_per_class: int = 8,
-                test_per_class: int = 50, variant: str = "v1") -> DatasetSplits:
+                test_per_class: int = 50, variant: str = DEFAULT_VARIANT) -> DatasetSplits:
     """The downstream lab task in the base-to-novel protocol's terms (labels 0..31 base)."""
     _check_variant(variant)
     return DatasetSplits(

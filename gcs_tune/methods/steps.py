@@ -5,6 +5,10 @@ the gradients before each call. SGD calls it once. SAM calls it twice (at θ and
 steps with the sharpness gradient; GCSAM differs from SAM only in :meth:`combine`, which picks the
 update direction from the two gradients. The base optimiser (SGD, momentum, weight decay) then
 takes its step from ``p.grad``.
+
+The interface the engine calls: ``step(closure) -> loss``, ``end_epoch(epoch)`` after every epoch,
+``pop_stats()``, and ``pilot_epochs`` / ``after_pilot(pilot)`` for a rule that needs a first pass
+of the same run (SubPT, :mod:`gcs_tune.methods.subspace`).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ class SGDStep:
     """One gradient evaluation, one base-optimiser step (CoOp)."""
 
     two_pass = False  # the SAM family compares two gradients: the engine may keep them in fp32
+    pilot_epochs = 0  # epochs of a first pass of the run whose end_epoch calls this rule sees
 
     def __init__(self, params: Iterable[torch.nn.Parameter], optimizer: torch.optim.Optimizer):
         self.params = [p for p in params if p.requires_grad]
@@ -39,6 +44,12 @@ class SGDStep:
         loss = closure()
         self.optimizer.step()
         return loss
+
+    def end_epoch(self, epoch: int) -> None:
+        """Called by the engine after every epoch (0-based), of the pilot pass too."""
+
+    def after_pilot(self, pilot: "SGDStep") -> None:
+        """Receive what the pilot pass's rule learnt (the run was rebuilt from its seed since)."""
 
     def pop_stats(self) -> dict[str, float]:
         """Per-epoch diagnostics, reset on read. Called by the engine at the end of each epoch."""

@@ -8,6 +8,11 @@ Three child processes (same seed, model and data), so peak memory is per process
               GCSCoOp step (GCSAM's two forward/backward passes), timed alternately; on a GPU also
               GCSCoOp with its gradients under autocast (method.grad_precision=autocast), since the
               default keeps the SAM family's two gradients in fp32
+  tower       PromptSRC's step, which cannot use the cache: the image tower runs forward and
+              backward with its deep vision prompts on the batch, the text tower with its deep text
+              prompts, the frozen features of its losses read from the cache (the same batch size as
+              the others, not its recipe's 4). A process of its own: interleaved with the cached
+              steps, its large activations evict their working set and slow them by ~20 %
 Each time is the median over the timed steps.
 
   python pipelines/benchmarks/step_speed.py                    # ViT-B-16, random weights
@@ -26,7 +31,8 @@ import time
 
 import torch
 
-GROUPS = {"reference": ("reference",), "full77": ("full77",), "cached": ("coop", "gcscoop", "gcscoop_autocast")}
+GROUPS = {"reference": ("reference",), "full77": ("full77",), "cached": ("coop", "gcscoop", "gcscoop_autocast"),
+          "tower": ("promptsrc",)}
 
 
 def parse(argv=None):
@@ -71,43 +77,64 @@ def full_length_features(encoder, bank, prompter) -> torch.Tensor:
     return x @ encoder.text_projection
 
 
-def run_group(args) -> list[dict]:
-    """Time the rules of one child process. The cached group alternates CoOp and GCSCoOp steps on
-    the same model and batch, so machine noise falls on both sides of their ratio alike."""
+def make_losses(args, bb, encoder, bank, prompter, images, targets, autocast):
+    """name -> function computing that rule's loss on the batch (what its closure differentiates)."""
     from gcs_tune.methods.losses import LOSS_TERMS, LossInputs
-    from gcs_tune.methods.steps import GCSAMStep, SGDStep
+    from gcs_tune.methods.table import METHODS
+    from gcs_tune.model.deep import PromptedImageEncoder
+    from gcs_tune.model.deep_prompters import DeepPrompter
 
+    with torch.no_grad(), autocast:
+        cached = bb.encode_images(images).float()  # what the feature cache would hand the loop
+        frozen_text = prompter.text_features(encoder, bank).float()  # PromptSRC's frozen text target
+    scale = bb.model.logit_scale.exp().detach()
+    image_encoder = PromptedImageEncoder(bb.model)
+    deep = DeepPrompter(encoder, image_encoder, bb.tokenizer, 4, "a photo of a", 4, depth=9,
+                        generator=torch.Generator().manual_seed(0))
+
+    def coop():
+        if args.group == "reference":
+            with torch.no_grad():
+                feats = bb.encode_images(images)
+            text = full_length_features(encoder, bank, prompter)
+        else:
+            feats = cached
+            text = (full_length_features(encoder, bank, prompter) if args.group == "full77"
+                    else prompter.text_features(encoder, bank))
+        return LOSS_TERMS["ce"](LossInputs(feats, targets, text, text, scale))
+
+    def promptsrc():  # the per-image path: both towers run with their deep prompts
+        inputs = LossInputs(deep.image_features(image_encoder, images), targets, deep.text_features(encoder, bank),
+                            frozen_text, scale, frozen_image_feats=cached, ensemble_text_feats=frozen_text)
+        return sum(w * LOSS_TERMS[k](inputs) for k, w in METHODS["promptsrc"].losses.items())
+
+    return {"promptsrc": (promptsrc, list(deep.parameters()))}, (coop, list(prompter.parameters()))
+
+
+def run_group(args) -> list[dict]:
+    """Time the rules of one child process. The cached group alternates the CoOp and GCSCoOp
+    steps on the same model and batch, so machine noise falls on both sides of their ratio alike."""
+    from gcs_tune.methods.steps import GCSAMStep, SGDStep
     from gcs_tune.model.precision import autocast as run_autocast
     from gcs_tune.model.precision import fp32
 
     bb, encoder, bank, prompter, images, targets = setup(args)
     cuda = bb.device.type == "cuda"
     autocast = run_autocast(bb.device, "auto")  # what a run uses: bf16 where the GPU has it natively
-    with torch.no_grad(), autocast:
-        cached = bb.encode_images(images).float()  # what the feature cache would hand the loop
-    scale = bb.model.logit_scale.exp().detach()
-    params = list(prompter.parameters())
-
-    def rule(name):
-        opt = torch.optim.SGD(params, lr=0.002, momentum=0.9, weight_decay=5e-4)
-        return GCSAMStep(params, opt, 0.1, 0.5, 0.8) if name.startswith("gcscoop") else SGDStep(params, opt)
-
+    special, default = make_losses(args, bb, encoder, bank, prompter, images, targets, autocast)
     current = {"name": ""}
 
     def closure():
         exact = current["name"] == "gcscoop"  # the engine's default: the SAM family's gradients in fp32
         with fp32(bb.device) if exact else autocast:
-            if args.group == "reference":
-                with torch.no_grad():
-                    feats = bb.encode_images(images)
-                text = full_length_features(encoder, bank, prompter)
-            else:
-                feats = cached
-                text = (full_length_features(encoder, bank, prompter) if args.group == "full77"
-                        else prompter.text_features(encoder, bank))
-            loss = LOSS_TERMS["ce"](LossInputs(feats, targets, text, text, scale))
+            loss = special.get(current["name"], default)[0]()
         loss.backward()
         return loss.detach()
+
+    def rule(name):
+        params = special.get(name, default)[1]
+        opt = torch.optim.SGD(params, lr=0.002, momentum=0.9, weight_decay=5e-4)
+        return GCSAMStep(params, opt, 0.1, 0.5, 0.8) if name.startswith("gcscoop") else SGDStep(params, opt)
 
     names = [n for n in GROUPS[args.group] if cuda or n != "gcscoop_autocast"]  # identical to gcscoop on a CPU
     rules = {name: rule(name) for name in names}
@@ -152,6 +179,7 @@ def main(argv=None) -> int:
           f"text cut at {rows[0]['text_tokens']} of 77 tokens, median of {args.steps} timed steps after {args.warmup} warm-up")
     lines = {("gcscoop", "coop"): "GCSCoOp step / CoOp step            = {:.2f}  (target <= 2.1)",
              ("gcscoop_autocast", "coop"): "  same, gradients under autocast     = {:.2f}",
+             ("promptsrc", "coop"): "PromptSRC step / CoOp step          = {:.2f}  (image tower fwd+bwd; two processes)",
              ("reference", "coop"): "reference step / cached+cut CoOp    = {:.1f}x (target >= 8)",
              ("reference", "full77"): "  gain of the feature cache          = {:.1f}x",
              ("full77", "coop"): "  gain of the text cut at EOS        = {:.1f}x"}
