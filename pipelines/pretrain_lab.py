@@ -236,11 +236,11 @@ def save_checkpoint(model, path: Path) -> None:
                path)
 
 
-def reload_and_check(path: Path, expected: dict, args) -> None:
+def reload_and_check(model_name: str, path: Path, expected: dict, args) -> None:
     """Load the file the way users will and demand the same numbers (weights were already
     rounded to fp16 before the first evaluation, so they must match exactly)."""
-    model, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME, pretrained=str(path))
-    got = evaluate(model.eval(), preprocess, open_clip.get_tokenizer(MODEL_NAME), args)
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(path))
+    got = evaluate(model.eval(), preprocess, open_clip.get_tokenizer(model_name), args)
     if got != expected:
         raise RuntimeError(f"reloaded checkpoint disagrees:\n{got}\n!=\n{expected}")
 
@@ -276,28 +276,33 @@ def write_report(args, metrics: dict, losses: list[float], times: dict) -> Path:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    return pretrain(MODEL_NAME, parse_args(argv), train, write_report)
+
+
+def pretrain(model_name: str, args, train_fn, report_fn) -> dict:
+    """Train ``model_name`` from scratch with ``train_fn``, evaluate the fp16-rounded weights, save
+    them, reload the file as users will and demand the same numbers, write the JSON report
+    (``report_fn``). Shared with ``pretrain_teacher.py``."""
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)  # else multithreaded CPU kernels differ run to run
     open_clip.add_model_config(CONFIG_DIR)
-    model, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME)
-    tokenizer = open_clip.get_tokenizer(MODEL_NAME)
-    losses, step_times = train(model, caption_tokens(tokenizer, args.templates), args)
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    losses, step_times = train_fn(model, caption_tokens(tokenizer, args.templates), args)
     t_train = time.perf_counter() - t0
     model.half().float()  # evaluate exactly the weights that get shipped
     metrics = evaluate(model, preprocess, tokenizer, args)
     save_checkpoint(model, args.out)
-    reload_and_check(args.out, metrics, args)
+    reload_and_check(model_name, args.out, metrics, args)
     # The median step time tells what the run costs on an idle machine when others shared it.
     times = {"train": round(t_train, 1), "total": round(time.perf_counter() - t0, 1),
              "median_step": round(float(np.median(step_times)), 4)}
-    report = write_report(args, metrics, losses, times)
+    report = report_fn(args, metrics, losses, times)
     for key, value in metrics.items():
-        print(f"{key:>22}: " + "  ".join(f"{k} {v:5.1f}" for k, v in value.items()))
-    size = args.out.stat().st_size
-    print(f"saved {args.out} ({size / 2**20:.2f} MiB) and {report.name}; "
+        print(f"{key:>25}: " + "  ".join(f"{k} {v:5.1f}" for k, v in value.items()))
+    print(f"saved {args.out} ({args.out.stat().st_size / 2**20:.2f} MiB) and {report.name}; "
           f"train {times['train']:.0f} s, total {times['total']:.0f} s")
     return metrics
 

@@ -135,30 +135,7 @@ def write_report(args, metrics: dict, losses: list[float], times: dict) -> Path:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    t0 = time.perf_counter()
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)  # else multithreaded CPU kernels differ run to run
-    open_clip.add_model_config(base.CONFIG_DIR)
-    model, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME)
-    tokenizer = open_clip.get_tokenizer(MODEL_NAME)
-    losses, step_times = train(model, base.caption_tokens(tokenizer, args.templates), args)
-    t_train = time.perf_counter() - t0
-    model.half().float()  # evaluate exactly the weights that get shipped
-    metrics = base.evaluate(model, preprocess, tokenizer, args)
-    base.save_checkpoint(model, args.out)
-    reloaded, _, pre = open_clip.create_model_and_transforms(MODEL_NAME, pretrained=str(args.out))
-    if base.evaluate(reloaded.eval(), pre, tokenizer, args) != metrics:
-        raise RuntimeError("the reloaded teacher checkpoint disagrees with the trained weights")
-    times = {"train": round(t_train, 1), "total": round(time.perf_counter() - t0, 1),
-             "median_step": round(float(np.median(step_times)), 4)}
-    report = write_report(args, metrics, losses, times)
-    for key, value in metrics.items():
-        print(f"{key:>25}: " + "  ".join(f"{k} {v:5.1f}" for k, v in value.items()))
-    print(f"saved {args.out} ({args.out.stat().st_size / 2**20:.2f} MiB) and {report.name}; "
-          f"train {times['train']:.0f} s, total {times['total']:.0f} s")
-    return metrics
+    return base.pretrain(MODEL_NAME, parse_args(argv), train, write_report)
 
 
 if __name__ == "__main__":
