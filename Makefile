@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m gcs_tune.search --space search_spaces/demo.yaml --gpus 0
-	$(VENV)/bin/python -m gcs_tune.best --export
+	$(VENV)/bin/python -m gcs_tune.best --export --seeds 1,2 --finalist-seeds 1
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -120,6 +120,31 @@ def test_finalists_are_the_top_trials_plus_the_defaults():
     assert [r["number"] for r in finalist_rows(frame, 5)] == [1, 3, 2, 0, 4]
 
 
+
+def test_defaults_stopped_early_are_still_a_finalist_rerun_on_the_search_seed(tmp_path):
+    """ASHA may stop the defaults' trial; the verdict still needs its lead, so the defaults are
+    re-run on the search's own seed as well as the extra seeds, never scored on a partial run."""
+    from types import SimpleNamespace
+
+    from gcs_tune.tune.verdict import finalist_jobs, score_finalists
+
+    frame = pd.DataFrame([{"number": 0, "state": "pruned", "feasible": 1.0, "hm": 40.0, "objective": 40.0,
+                           "base_acc": 50.0, "novel_acc": 33.0, "is_default": True, "rho": 0.1},
+                          {"number": 1, "state": "complete", "feasible": 1.0, "hm": 70.0, "objective": 70.0,
+                           "base_acc": 80.0, "novel_acc": 62.0, "is_default": False, "rho": 0.3}])
+    rows = finalist_rows(frame, 1)
+    assert [r["number"] for r in rows] == [1, 0]
+    info = SimpleNamespace(base=load_config(None, {"seed": 1}).to_dict(), name="s",
+                           space={"params": {"rho": {"key": "method.rho"}}})
+    jobs = finalist_jobs(info, rows, [2, 3], tmp_path)
+    assert [j.out.name for j in jobs] == ["seed2", "seed3", "seed1", "seed2", "seed3"]
+    assert [j.cfg.seed for j in jobs] == [2, 3, 1, 2, 3]
+    results = [SimpleNamespace(objective=v, val_hm=v, val_base_acc=v, val_novel_acc=v)
+               for v in (71.0, 72.0, 60.0, 61.0, 62.0)]  # what score_finalists reads of a RunResult
+    top, defaults = score_finalists(info, rows, [2, 3], results)
+    assert top.objective == [70.0, 71.0, 72.0] and defaults.objective == [60.0, 61.0, 62.0]
+    assert defaults.seeds == [1, 2, 3] and lead_over_defaults(top, [top, defaults]).mean == 10.0
+
 def test_paired_difference_interval_is_students_t():
     d = paired_difference([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
     assert math.isclose(d.mean, 2.0) and math.isclose(d.half_width, 4.302653 * 1.0 / math.sqrt(3), rel_tol=1e-5)

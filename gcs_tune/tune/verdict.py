@@ -50,13 +50,19 @@ class Finalist:
 
 
 def finalist_rows(frame: pd.DataFrame, k: int) -> list[dict[str, Any]]:
-    """The top ``k`` complete trials by the winner rule, plus the defaults' trial if it is not one."""
-    done = frame[frame["state"] == "complete"].to_dict("records") if not frame.empty else []
-    top = sorted(done, key=lambda r: rank(r, r["number"]))[:k]
-    default = [r for r in done if r.get("is_default")]
+    """The top ``k`` complete trials by the winner rule, plus the defaults' trial if it is not one
+    -- even when the scheduler stopped it early: then it is re-run on the search's seed as well."""
+    records = frame.to_dict("records") if not frame.empty else []
+    top = sorted((r for r in records if r["state"] == "complete"), key=lambda r: rank(r, r["number"]))[:k]
+    default = [r for r in records if r.get("is_default") and r["state"] in ("complete", "pruned")]
     if default and all(r["number"] != default[0]["number"] for r in top):
         top.append(default[0])
     return top
+
+
+def _stopped_early(row: dict[str, Any]) -> bool:
+    """A finalist whose search run did not reach the last epoch: its own seed is re-run too."""
+    return row["state"] != "complete"
 
 
 def extra_seeds(info: StudyInfo, n: int) -> list[int]:
@@ -67,8 +73,10 @@ def extra_seeds(info: StudyInfo, n: int) -> list[int]:
 
 def finalist_jobs(info: StudyInfo, rows: list[dict[str, Any]], seeds: list[int], folder: Path) -> list[Job]:
     """Validation-only re-runs (no test split, whatever the selection protocol)."""
+    own = [int(info.base["seed"])]
     return [Job(trial_config(info, trial_params(r)).replace(**{"seed": s, "out": None, "eval.test": False}),
-                folder / f"trial-{int(r['number']):03d}" / f"seed{s}") for r in rows for s in seeds]
+                folder / f"trial-{int(r['number']):03d}" / f"seed{s}")
+            for r in rows for s in (own if _stopped_early(r) else []) + seeds]
 
 
 def score_finalists(info: StudyInfo, rows: list[dict[str, Any]], seeds: list[int],
@@ -77,11 +85,12 @@ def score_finalists(info: StudyInfo, rows: list[dict[str, Any]], seeds: list[int
     out, it = [], iter(results)
     own = [int(info.base["seed"])]
     for r in rows:
-        extra = [next(it) for _ in seeds]
+        runs = [next(it) for _ in (own if _stopped_early(r) else []) + seeds]
+        first = [] if _stopped_early(r) else [(r["objective"], r["hm"], r["base_acc"], r["novel_acc"])]
+        values = first + [(x.objective, x.val_hm, x.val_base_acc, x.val_novel_acc) for x in runs]
+        objective, hm, base, novel = (list(v) for v in zip(*values))
         out.append(Finalist(int(r["number"]), trial_params(r), bool(r.get("is_default")), own + seeds,
-                            [r["objective"]] + [x.objective for x in extra], [r["hm"]] + [x.val_hm for x in extra],
-                            [r["base_acc"]] + [x.val_base_acc for x in extra],
-                            [r["novel_acc"]] + [x.val_novel_acc for x in extra]))
+                            objective, hm, base, novel))
     return out
 
 
