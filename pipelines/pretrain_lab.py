@@ -40,21 +40,26 @@ EVAL_TEMPLATE = "a photo of a {}."
 PROBE_SHOTS = 16
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def arguments(steps: int, templates: list[str], out: Path) -> argparse.ArgumentParser:
+    """The pre-training options (shared with ``pretrain_teacher.py``, which adds its own)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch stream")
     p.add_argument("--data-seed", type=int, default=0, help="lab_dataset seed used for the evaluation")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, then cosine to 0")
-    p.add_argument("--templates", nargs="+", default=[EVAL_TEMPLATE],
+    p.add_argument("--templates", nargs="+", default=templates,
                    help="caption templates, each with one '{}' for the class name")
     p.add_argument("--eval-per-class", type=int, default=50, help="pre-training-domain test images")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint path (.pt); JSON beside it")
-    return p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=out, help="checkpoint path (.pt); JSON beside it")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return arguments(2000, [EVAL_TEMPLATE], DEFAULT_OUT).parse_args(argv)
 
 
 # --- text: the captions are short, so run the text tower only up to the longest EOS -----------

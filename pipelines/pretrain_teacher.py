@@ -43,20 +43,10 @@ INDEX_BASE = 10_000_000  # ... and an index range of their own
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch stream")
-    p.add_argument("--data-seed", type=int, default=0, help="lab_dataset seed used for the evaluation")
-    p.add_argument("--steps", type=int, default=2500)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, then cosine to 0")
-    p.add_argument("--templates", nargs="+", default=TEMPLATES, help="caption templates, one '{}' each")
+    p = base.arguments(2500, TEMPLATES, DEFAULT_OUT)
+    p.description = __doc__.split("\n\n")[0]
     p.add_argument("--variant", default=lab.DEFAULT_VARIANT, help="downstream variant the teacher's web holds")
     p.add_argument("--downstream-share", type=float, default=0.5, help="share of downstream images per batch")
-    p.add_argument("--eval-per-class", type=int, default=50, help="pre-training-domain test images")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint path (.pt); JSON beside it")
     return p.parse_args(argv)
 
 
