@@ -145,11 +145,18 @@ def lr_at(step: int, args) -> float:
     return args.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train(model, tokens: torch.Tensor, args) -> tuple[list[float], list[float]]:
-    """Returns the loss and the wall time (s) of every step."""
+def pretrain_batch(rng: np.random.Generator, step: int, args) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of one step: fresh pre-training-domain draws of every class."""
+    return lab.lab_batch(rng, args.batch_size, domain="pretrain")
+
+
+def train(model, tokens: torch.Tensor, args, draw=pretrain_batch, salt: int = 0x5EED,
+          desc: str = "pretrain") -> tuple[list[float], list[float]]:
+    """Contrastive training on the images ``draw(rng, step, args)`` gives (the teacher passes its
+    own stream and rng salt); returns the loss and the wall time (s) of every step."""
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
-    rng = np.random.default_rng([args.seed, 0x5EED])  # a stream of its own: no lab_image key
+    rng = np.random.default_rng([args.seed, salt])  # a stream of its own: no lab_image key
     vocab = UsedVocab(model, tokens)
     tokens = vocab.remap(tokens)
     params = [p for n, p in model.named_parameters() if n != "token_embedding.weight"]
@@ -157,10 +164,10 @@ def train(model, tokens: torch.Tensor, args) -> tuple[list[float], list[float]]:
     n_templates, n_classes = tokens.shape[:2]
     losses, step_times = [], []
     model.train()
-    bar = tqdm(range(args.steps), desc="pretrain", mininterval=2.0)
+    bar = tqdm(range(args.steps), desc=desc, mininterval=2.0)
     for step in bar:
         t0 = time.perf_counter()
-        images, labels = lab.lab_batch(rng, args.batch_size, domain="pretrain")
+        images, labels = draw(rng, step, args)
         # Each image gets a random template; encode each distinct (template, class) caption once.
         pair = rng.integers(0, n_templates, len(labels)) * n_classes + labels
         uniq = np.unique(pair)

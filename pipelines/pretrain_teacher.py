@@ -21,15 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 import pretrain_lab as base  # this folder: the student's pipeline, reused by import
 from gcs_tune.data import lab
@@ -65,37 +61,7 @@ def batch(rng: np.random.Generator, step: int, args) -> tuple[np.ndarray, np.nda
 
 def train(model, tokens: torch.Tensor, args) -> tuple[list[float], list[float]]:
     """pretrain_lab's contrastive training on the teacher's image stream; (loss, seconds) per step."""
-    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
-    rng = np.random.default_rng([args.seed, 0x7EAC])
-    vocab = base.UsedVocab(model, tokens)
-    tokens = vocab.remap(tokens)
-    params = [p for n, p in model.named_parameters() if n != "token_embedding.weight"]
-    opt = torch.optim.AdamW(params + [vocab.table], lr=args.lr, weight_decay=args.weight_decay)
-    n_templates, n_classes = tokens.shape[:2]
-    losses, step_times = [], []
-    model.train()
-    for step in tqdm(range(args.steps), desc="pretrain teacher", mininterval=5.0):
-        t0 = time.perf_counter()
-        images, labels = batch(rng, step, args)
-        pair = rng.integers(0, n_templates, len(labels)) * n_classes + labels  # a random phrasing each
-        uniq = np.unique(pair)
-        txt = base.encode_text_cut(model, tokens.reshape(-1, tokens.shape[-1])[torch.from_numpy(uniq)], embed=vocab)
-        img = model.encode_image(base.to_model_input(images, mean, std))
-        loss = base.multi_positive_loss(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), torch.from_numpy(labels),
-                                        torch.from_numpy(uniq % n_classes), model.logit_scale.exp())
-        for group in opt.param_groups:
-            group["lr"] = base.lr_at(step, args)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        losses.append(loss.item())
-        step_times.append(time.perf_counter() - t0)
-    vocab.write_back()
-    model.eval()
-    return losses, step_times
+    return base.train(model, tokens, args, draw=batch, salt=0x7EAC, desc="pretrain teacher")
 
 
 def write_report(args, metrics: dict, losses: list[float], times: dict) -> Path:

@@ -33,17 +33,21 @@ def cross_entropy(x: LossInputs) -> torch.Tensor:
     return F.cross_entropy(logits(x.image_feats, x.text_feats, x.scale).float(), x.targets)
 
 
+def _cosine_distance(prompted: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of 1 − cos(prompted, frozen), in fp32."""
+    prompted = prompted.float()
+    return (1 - F.cosine_similarity(prompted, frozen.to(prompted.dtype), dim=-1)).mean()
+
+
 def text_consistency(x: LossInputs) -> torch.Tensor:
     """KgCoOp: mean over classes of 1 − cos(prompted, hand-crafted frozen) text features."""
-    text = x.text_feats.float()
-    return (1 - F.cosine_similarity(text, x.frozen_text_feats.to(text.dtype), dim=-1)).mean()
+    return _cosine_distance(x.text_feats, x.frozen_text_feats)
 
 
 def novel_features(x: LossInputs) -> torch.Tensor:
     """SubPT's NFL: mean over the extra names of 1 − cos(prompted, zero-shot) text features
     (their ``CosineEmbeddingLoss`` with target 1). No image is involved."""
-    text = x.extra_text_feats.float()
-    return (1 - F.cosine_similarity(text, x.extra_frozen_text_feats.to(text.dtype), dim=-1)).mean()
+    return _cosine_distance(x.extra_text_feats, x.extra_frozen_text_feats)
 
 
 def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
