@@ -2,14 +2,15 @@
 
 Knows nothing of Ray or MLflow. Selection-relevant numbers (base/novel/HM/objective) are measured
 on the validation split; the test split is measured once, after the last epoch, and reported in
-``EpochResult.final`` only.
+``EpochResult.final`` only. Every result before the last carries the run's :class:`RunState`:
+``fit(cfg, prep, resume=state)`` continues at the next epoch as if never stopped.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,23 @@ class FinalResult:
 
 
 @dataclass(frozen=True)
+class RunState:
+    """A run after ``epoch`` epochs: what ``fit(..., resume=state)`` continues from."""
+
+    epoch: int  # epochs done: the next one to train is epoch + 1 (1-based)
+    val: Accuracy  # the last validation: epochs between evaluations (eval.every > 1) report it again
+    run: dict[str, Any]  # Run.state_dict(): prompter, optimiser, step rule, averaging, generator
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain tensors, numbers and dicts, for ``torch.save`` / ``torch.load(weights_only=True)``."""
+        return {"epoch": self.epoch, "val": asdict(self.val), "run": self.run}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunState":
+        return cls(int(d["epoch"]), Accuracy(**d["val"]), d["run"])
+
+
+@dataclass(frozen=True)
 class EpochResult:
     epoch: int  # 1-based
     epochs: int
@@ -75,6 +93,7 @@ class EpochResult:
     diagnostics: dict[str, float] = field(default_factory=dict)  # e.g. GCSAM case fractions
     diverged: bool = False
     final: FinalResult | None = None  # set on the last result only
+    state: RunState | None = field(default=None, repr=False, compare=False)  # set on the others, unless diverged
 
     def metrics(self) -> dict[str, float]:
         """Flat, finite numbers for reporting (Ray, MLflow, tables)."""
@@ -113,38 +132,50 @@ def evaluate(split: SplitFeatures, text: torch.Tensor, prep: Prepared) -> Accura
     return Accuracy(base, novel, n_base, n_novel)
 
 
-def fit(cfg: RunConfig, prepared: Prepared | None = None, progress=None) -> Iterator[EpochResult]:
+def fit(cfg: RunConfig, prepared: Prepared | None = None, progress=None,
+        resume: RunState | None = None) -> Iterator[EpochResult]:
     """Train the prompt of ``cfg``'s method; one result per epoch, the last one with ``final``.
+    ``resume``: a state an earlier ``fit`` of the same config gave; the results of the epochs
+    after it are those the uninterrupted run gives.
 
     The method's row decides everything trained (gcs_tune.methods.assemble); a stage before the
     run (CasPL's boosting prompt) and a rule's pilot pass (SubPT's phase A) count in epoch 1's
-    seconds."""
+    seconds. A resumed run runs neither again: both are in its state."""
+    epochs = cfg.schedule.epochs
+    if resume is not None and not 1 <= resume.epoch < epochs:
+        raise ValueError(f"resume: a state after epoch {resume.epoch} of a {epochs}-epoch run; one after epoch 1 "
+                         f"to {epochs - 1} has something left to train")
     prep = prepared or prepare(cfg, progress)
     start = time.perf_counter()
-    run, ok = _pilot(cfg, prep, build_run(cfg, prep))
+    if resume is None:
+        run, ok = _pilot(cfg, prep, build_run(cfg, prep))
+    else:
+        run, ok = build_run(cfg, prep, resume.run), True
     before = time.perf_counter() - start
     zs_val = evaluate(prep.val, prep.zero_shot_text, prep)
     floor = resolve_floor(cfg.objective, zs_val.base)
-    val = zs_val
+    first, val = (resume.epoch, resume.val) if resume else (0, zs_val)
 
-    for epoch in range(cfg.schedule.epochs):
-        start = time.perf_counter() - (before if epoch == 0 else 0.0)
+    for epoch in range(first, epochs):
+        start = time.perf_counter() - (before if epoch == first else 0.0)
         train_loss = train_epoch(run, epoch) if ok else float("nan")
         if not math.isfinite(train_loss):
             bad = worst(cfg.objective.penalty)
-            yield EpochResult(epoch + 1, cfg.schedule.epochs, train_loss, learning_rate(cfg, epoch), Accuracy(0.0, 0.0),
+            yield EpochResult(epoch + 1, epochs, train_loss, learning_rate(cfg, epoch), Accuracy(0.0, 0.0),
                               bad.value, False, bad.violation, floor, time.perf_counter() - start,
                               run.step.pop_stats(), diverged=True)
             return
         run.step.end_epoch(epoch)
         run.averaging.update(epoch, run.prompter)
-        last = epoch + 1 == cfg.schedule.epochs
+        last = epoch + 1 == epochs
         if last or (epoch + 1) % cfg.eval.every == 0:
             val = _evaluate(run, "val", prep)
         s = score(val.base, val.novel, floor, cfg.objective.penalty)
+        stats = run.step.pop_stats()  # before the state: the rule's per-epoch counters start again at 0
         final = _final(cfg, prep, run, zs_val) if last else None
-        yield EpochResult(epoch + 1, cfg.schedule.epochs, train_loss, learning_rate(cfg, epoch), val, s.value,
-                          s.feasible, s.violation, floor, time.perf_counter() - start, run.step.pop_stats(), final=final)
+        state = None if last else RunState(epoch + 1, val, run.state_dict())
+        yield EpochResult(epoch + 1, epochs, train_loss, learning_rate(cfg, epoch), val, s.value, s.feasible,
+                          s.violation, floor, time.perf_counter() - start, stats, final=final, state=state)
 
 
 def _pilot(cfg: RunConfig, prep: Prepared, run: Run) -> tuple[Run, bool]:

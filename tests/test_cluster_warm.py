@@ -37,3 +37,27 @@ def test_a_trial_no_node_can_run_is_refused_at_once(two_nodes, fast_cfg):
 def test_a_warm_up_that_does_not_finish_in_time_says_so(two_nodes, fast_cfg):
     with pytest.raises(ConfigError, match="did not finish within 0.01 s"):
         cluster.warm_caches([fast_cfg(**{"data.views": 3}).to_dict()], None, {"cpu": 1, "gpu": 0.5}, timeout_s=0.01)
+
+
+def test_a_folder_every_node_sees_is_shared_storage(two_nodes, tmp_path):
+    """Shared means seen by every node (a marker file read by a task on each), not a file-system
+    type: two raylets on one host share a local disk, so a multi-node study may use it."""
+    from gcs_tune.tune.runner import _check_cluster
+
+    assert cluster.nodes_not_seeing(str(tmp_path)) == []
+    assert list(tmp_path.iterdir()) == []  # the marker is gone
+    plan = cluster.Plan(gpus=0, resources={"cpu": 1}, max_concurrent=2, nodes=2)
+    _check_cluster(plan, str(tmp_path), "http://127.0.0.1:5000")
+    with pytest.raises(ConfigError, match="MLflow server"):
+        _check_cluster(plan, str(tmp_path), f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def test_storage_a_node_cannot_see_is_refused_by_name(two_nodes, tmp_path, monkeypatch):
+    from gcs_tune.tune.runner import _check_cluster
+
+    # One host cannot hide a folder from one of its raylets: the check's answer is stood in for.
+    monkeypatch.setattr(cluster, "nodes_not_seeing", lambda folder: ["10.0.0.7"])
+    plan = cluster.Plan(gpus=0, resources={"cpu": 1}, max_concurrent=2, nodes=2)
+    with pytest.raises(ConfigError, match=r"not shared: node\(s\) 10.0.0.7 cannot see it"):
+        _check_cluster(plan, str(tmp_path), "http://127.0.0.1:5000")
+    _check_cluster(plan, "s3://bucket/searches", "http://127.0.0.1:5000")  # object stores are shared

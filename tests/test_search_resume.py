@@ -80,3 +80,18 @@ def test_interrupt_then_resume_finishes_without_duplicates(ray_cluster, tmp_path
     assert "running" not in optuna_view["states"]
     pruned = (frame["state"] == "pruned").sum()
     assert optuna_view["states"].get("pruned", 0) == pruned
+
+
+def test_a_second_driver_of_a_running_study_is_refused(tmp_path, fast_space, capsys):
+    """The lock a running driver holds (taken here as that driver would) makes ``--resume``
+    exit 2 with a message, before Ray or MLflow is touched; released, the lock is free again."""
+    storage = str(tmp_path / "s")
+    study = StudyDir(storage, "busy")
+    study.local.mkdir(parents=True)
+    (study.local / "study.yaml").write_text(yaml.safe_dump({"name": "busy"}))  # read only after the lock
+    with study.lock():
+        code = search.main(["--resume", "--name", "busy", "--storage", storage, "--quiet"])
+        assert code == 2
+        assert "being run by another driver (pid" in " ".join(capsys.readouterr().err.split())
+    with study.lock():  # the first holder released it
+        pass

@@ -80,7 +80,11 @@ def test_gcscoop_space_is_the_papers():
     ({"params__n_ctx__values": [4, 128]}, ["n_ctx=128", "prompt.n_ctx"]),
     ({"params__lr__key": "optim.nope"}, ["optim.nope", "unknown key"]),
     ({"defaults__rho": 50.0}, ["defaults", "rho=50.0"]),
-    ({"defaults__beta2": None}, ["defaults", "beta2"]),
+    ({"defaults__beta2": None}, ["defaults", "no value for beta2"]),
+    ({"params__beta2__type": "int", "params__beta2__log": True}, ["params.beta2", "log: true", "numeric low"]),
+    ({"params__beta2__type": "loguniform"}, ["params.beta2", "loguniform needs low > 0", "low can reach 0.0"]),
+    ({"params__beta2_u": {"key": "method.rho", "type": "uniform", "low": 0.1, "high": 1.0}},
+     ["params.beta2", "'beta2_u'", "rename"]),
     ({"base__schedule__epochs": 0}, ["schedule.epochs"]),
     ({"objective__floor": "sometimes"}, ["objective", "floor"]),
 ])
@@ -113,7 +117,10 @@ def test_method_conditional_parameters(tmp_path):
 def test_space_to_optuna_with_fixed_trial():
     space = load_space(SPACES / "demo.yaml")
     values = {"rho": 0.3, "beta1": 0.2, "beta2": 0.7, "n_ctx": 8, "lr": 0.01}
-    assert space.sampler()(optuna.trial.FixedTrial(values)) == values
+    sampler = space.sampler()
+    params = sampler.to_optuna(values)  # beta2's bound is beta1: Optuna sees its position in [0, 1]
+    assert params == {"rho": 0.3, "beta1": 0.2, "beta2_u": pytest.approx(0.625), "n_ctx": 8, "lr": 0.01}
+    assert sampler(optuna.trial.FixedTrial(params)) == pytest.approx(values)
     cfg = space.apply(values)
     assert (cfg.method.rho, cfg.method.beta1, cfg.method.beta2, cfg.prompt.n_ctx, cfg.optim.lr) == \
         (0.3, 0.2, 0.7, 8, 0.01)
@@ -176,21 +183,6 @@ def test_reports_are_always_finite():
     assert all(math.isfinite(v) for v in out.values())
     assert all(k in out for k in REQUIRED) and out["diverged"] == 1.0 and "mean_cos" not in out
     assert out["objective"] < -100
-
-
-def test_multi_node_needs_shared_storage_and_a_tracking_server(tmp_path):
-    from gcs_tune.tune.cluster import Plan
-    from gcs_tune.tune.runner import _check_cluster
-    from gcs_tune.tune.study import is_shared
-
-    assert not is_shared(str(tmp_path)) and is_shared("s3://bucket/searches")
-    two_nodes = Plan(gpus=0, resources={"cpu": 1}, max_concurrent=2, nodes=2)
-    with pytest.raises(ConfigError, match="local path"):
-        _check_cluster(two_nodes, str(tmp_path), "http://mlflow:5000")
-    with pytest.raises(ConfigError, match="MLflow server"):
-        _check_cluster(two_nodes, "s3://bucket/searches", f"sqlite:///{tmp_path}/mlflow.db")
-    _check_cluster(two_nodes, "s3://bucket/searches", "http://mlflow:5000")  # fine
-    _check_cluster(Plan(0, {"cpu": 1}, 2, nodes=1), str(tmp_path), f"sqlite:///{tmp_path}/m.db")
 
 
 def test_relative_tracking_uris_are_made_absolute(tmp_path, monkeypatch):

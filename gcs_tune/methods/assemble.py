@@ -88,10 +88,13 @@ def _extras(cfg: RunConfig, prep: Prepared, weights: dict[str, float], text: Pro
     return lambda batch: {**fixed, **{k: f(batch) for k, f in per_batch.items()}}
 
 
-def build_run(cfg: RunConfig, prep: Prepared) -> Run:
-    """The run of ``cfg``'s row, from its seed (after the row's stage, which has its own seed)."""
+def build_run(cfg: RunConfig, prep: Prepared, state: dict | None = None) -> Run:
+    """The run of ``cfg``'s row, from its seed (after the row's stage, which has its own seed), or
+    continued from ``state`` (a :meth:`Run.state_dict`). A resumed run skips the stage: what it
+    produced (CasPL's boosting prompt) is part of the saved prompter, and re-running it would load
+    the teacher and, on a node without the stage's cache, train it again."""
     row = METHODS[cfg.method.name]
-    prior = caspl.STAGES[row.stage](cfg, prep) if row.stage else None
+    prior = caspl.STAGES[row.stage](cfg, prep) if row.stage and state is None else None
     bb, device = prep.backbone, prep.backbone.device
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -108,11 +111,14 @@ def build_run(cfg: RunConfig, prep: Prepared) -> Run:
     step = STEP_RULES[row.step](cfg, params, optimizer)
     weights = loss_weights(cfg)
     exact = step.two_pass and cfg.method.grad_precision == "fp32"  # the SAM family compares g_s with g
-    return Run(cfg=cfg, prompter=prompter, encoder=text, train_bank=train_bank, eval_bank=eval_bank,
-               source=_source(cfg, prep, image), step=step, optimizer=optimizer, weights=weights,
-               frozen_text=prep.zero_shot_text[prep.base.start:prep.base.stop],
-               scale=bb.model.logit_scale.exp().detach(), label_offset=prep.base.start, generator=gen,
-               train_precision=fp32(device) if exact else autocast(device, cfg.backbone.precision),
-               precision=autocast(device, cfg.backbone.precision), extras=_extras(cfg, prep, weights, text, prompter),
-               averaging=AVERAGING[row.averaging](cfg))
+    run = Run(cfg=cfg, prompter=prompter, encoder=text, train_bank=train_bank, eval_bank=eval_bank,
+              source=_source(cfg, prep, image), step=step, optimizer=optimizer, weights=weights,
+              frozen_text=prep.zero_shot_text[prep.base.start:prep.base.stop],
+              scale=bb.model.logit_scale.exp().detach(), label_offset=prep.base.start, generator=gen,
+              train_precision=fp32(device) if exact else autocast(device, cfg.backbone.precision),
+              precision=autocast(device, cfg.backbone.precision), extras=_extras(cfg, prep, weights, text, prompter),
+              averaging=AVERAGING[row.averaging](cfg))
+    if state is not None:
+        run.load_state_dict(state)
+    return run
 

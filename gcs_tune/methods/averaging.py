@@ -27,6 +27,13 @@ class NoAveraging:
         """A context in which ``module`` holds the prompt to evaluate."""
         return nullcontext()
 
+    def state_dict(self) -> dict:
+        """What the average carries into the next epoch (a resumed run)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`."""
+
 
 def gaussian_weights(epochs: int, mean: float, std: float) -> list[float]:
     """w_e ∝ N(e; mean, std) for e = 1..epochs, normalised to sum 1 (float64)."""
@@ -48,8 +55,16 @@ class GaussianAverage(NoAveraging):
         w = self.weights[epoch]
         for name, p in trainable(module).items():
             term = p.detach().double() * w
-            self.sums[name] = self.sums[name] + term if name in self.sums else term
+            # .to: a resumed run's sums were read back on the CPU (a no-op otherwise)
+            self.sums[name] = self.sums[name].to(term.device) + term if name in self.sums else term
         self.total += w
+
+    def state_dict(self) -> dict:
+        """The running sums and the weight they hold; the weights come again from the config."""
+        return {"sums": dict(self.sums), "total": self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.total = dict(state["sums"]), float(state["total"])
 
     def averaged(self) -> dict[str, torch.Tensor]:
         """Σ w_e θ_e / Σ w_e over the epochs so far (empty before the first epoch, or while every

@@ -66,6 +66,33 @@ class Run:
     extras: Extras = field(default=lambda batch: {})
     averaging: Any = field(default_factory=NoAveraging)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything of the run that an epoch changes and a later epoch reads, copied to the CPU
+        (torch's state dicts hold live references). The rest comes again from the config and the
+        seed; the image source keeps nothing across epochs (``begin_epoch`` draws from the
+        generator). Plain tensors, numbers and dicts: ``torch.load(weights_only=True)`` reads them."""
+        return _cpu_copy({"prompter": self.prompter.state_dict(), "optimizer": self.optimizer.state_dict(),
+                          "step": self.step.state_dict(), "averaging": self.averaging.state_dict(),
+                          "generator": self.generator.get_state()})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (the run was just built from its seed)."""
+        self.prompter.load_state_dict(state["prompter"])  # in place: the optimiser keeps its parameters
+        self.optimizer.load_state_dict(state["optimizer"])  # moves its buffers to the parameters' device
+        self.step.load_state_dict(state["step"])
+        self.averaging.load_state_dict(state["averaging"])
+        self.generator.set_state(state["generator"])
+
+
+def _cpu_copy(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _cpu_copy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_cpu_copy(v) for v in tree)
+    return tree
+
 
 def train_epoch(run: Run, epoch: int) -> float:
     """One epoch (0-based) of ``run``; the mean training loss (not finite: it diverged, and the

@@ -7,8 +7,9 @@ update direction from the two gradients. The base optimiser (SGD, momentum, weig
 takes its step from ``p.grad``.
 
 The interface the engine calls: ``step(closure) -> loss``, ``end_epoch(epoch)`` after every epoch,
-``pop_stats()``, and ``pilot_epochs`` / ``after_pilot(pilot)`` for a rule that needs a first pass
-of the same run (SubPT, :mod:`gcs_tune.methods.subspace`).
+``pop_stats()``, ``pilot_epochs`` / ``after_pilot(pilot)`` for a rule that needs a first pass
+of the same run (SubPT, :mod:`gcs_tune.methods.subspace`), and ``state_dict()`` /
+``load_state_dict(state)`` for what a rule carries from one epoch to the next (a resumed run).
 """
 from __future__ import annotations
 
@@ -54,6 +55,15 @@ class SGDStep:
     def pop_stats(self) -> dict[str, float]:
         """Per-epoch diagnostics, reset on read. Called by the engine at the end of each epoch."""
         return {}
+
+    def state_dict(self) -> dict:
+        """What the rule carries into the next epoch. SGD and the SAM family carry nothing: the
+        momentum is the base optimiser's, and GCSAM's counters are per epoch (``pop_stats`` has
+        reset them when the engine takes the state)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` (the run was rebuilt from its seed since)."""
 
 
 class SAMStep(SGDStep):

@@ -81,5 +81,15 @@ class SubspaceStep:
     def after_pilot(self, pilot: "SubspaceStep") -> None:
         self.projected.basis = pilot.basis().to(self.params[0].device)
 
+    def state_dict(self) -> dict:
+        """U (the pilot pass is not run again on resume) and the inner rule's state. The
+        snapshots are phase A's only: phase B never adds to them."""
+        return {"basis": self.projected.basis, "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        basis = state["basis"]  # (r, D) or None
+        self.projected.basis = None if basis is None else basis.to(self.params[0].device)
+        self.inner.load_state_dict(state["inner"])
+
     def pop_stats(self) -> dict[str, float]:
         return self.inner.pop_stats()

@@ -65,7 +65,7 @@ class PromptContext:
     tokenizer: Callable
     n_train_classes: int
     generator: torch.Generator
-    prior: dict[str, torch.Tensor] | None = None  # the state the row's stage produced
+    prior: dict[str, torch.Tensor] | None = None  # the state the row's stage produced (None on resume)
 
 
 def _coop(c: PromptContext) -> CoOpPrompter:
@@ -90,7 +90,8 @@ def _boost(c: PromptContext, generator: torch.Generator | None = None) -> DeepPr
 def _cascade(host: Callable[[PromptContext], torch.nn.Module]):
     def build(c: PromptContext) -> CascadePrompter:
         boost = _boost(c, torch.Generator().manual_seed(0))  # placeholder values, replaced just below:
-        boost.load_state_dict(c.prior)  # the run's own generator stays untouched
+        if c.prior is not None:  # None: a resumed run, whose saved prompter state replaces them
+            boost.load_state_dict(c.prior)  # the run's own generator stays untouched
         return CascadePrompter(boost, host(c))
     return build
 

@@ -13,8 +13,9 @@ import logging
 import math
 import shutil
 import time
+from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ray.tune import Callback
 
@@ -30,6 +31,8 @@ EPOCH_KEYS = ("objective", "hm", "base_acc", "novel_acc", "feasible", "violation
               "epoch_seconds", "mean_cos", "base_acc_se", "novel_acc_se", "hm_seed_std")  # MLflow colours by the first
 FINAL_FILES = ("prompt.pt", "config.yaml", "final.json")
 LOG_FILES = ("stdout.log", "stderr.log")  # each trial's own output, in its trial folder
+FLUSH_EVERY_S = 5.0  # retry period of queued MLflow writes while the server does not answer
+FINAL_WAIT_S = 120.0  # how long the end of a study waits for a server that is down
 
 
 def trial_number(trial) -> int:
@@ -59,7 +62,9 @@ class StudyCallback(Callback):
         view = LiveView(self.info.name, self.info.trials) if self.live else None
         if view:
             view.start()
-        self._state = {"study": study, "records": records, "tracker": tracker, "runs": runs, "view": view}
+        self._state = {"study": study, "records": records, "tracker": tracker, "runs": runs, "view": view,
+                       "logged": {},  # Ray trial id -> last epoch its MLflow run holds
+                       "outbox": deque(), "flushed_at": 0.0}
 
     @property
     def records(self) -> dict[str, TrialRecord]:
@@ -67,6 +72,8 @@ class StudyCallback(Callback):
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         """Called by Ray after every step of its control loop: redraw the view (throttled)."""
+        if self._state:
+            self._flush()
         if self._state and self._state["view"]:
             self._state["view"].update(list(self.records.values()))
 
@@ -77,6 +84,7 @@ class StudyCallback(Callback):
     def close(self) -> None:
         if not self._state:
             return
+        self._flush(final=True)
         self.write_table()
         if self._state["view"]:
             self._state["view"].stop(list(self.records.values()))
@@ -86,23 +94,24 @@ class StudyCallback(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         """Called by Ray each time a trial's actor starts: first run, retry, or resumed run."""
-        old = self.records.get(trial.trial_id)
-        params = dict(trial.config)
-        defaults = self.info.space.get("defaults") or None
-        rec = TrialRecord(trial.trial_id, trial_number(trial), params,
-                          is_default=bool(defaults) and params == defaults,
-                          epochs=int(self.info.base["schedule"]["epochs"]),
-                          failures=old.failures if old else 0)
-        rec.started_at = time.time()
-        self.records[trial.trial_id] = rec
-        tracker = self._state["tracker"]
+        rec = self.records.get(trial.trial_id)
+        if rec is None:  # a retried or resumed attempt keeps its record: it continues from its checkpoint
+            params = dict(trial.config)
+            defaults = self.info.space.get("defaults") or None
+            rec = TrialRecord(trial.trial_id, trial_number(trial), params,
+                              is_default=bool(defaults) and params == defaults,
+                              epochs=int(self.info.base["schedule"]["epochs"]))
+            self.records[trial.trial_id] = rec
+        rec.state, rec.started_at = "running", time.time()
+        tracker, tid = self._state["tracker"], trial.trial_id
         if tracker is not None:
-            stale = self._state["runs"].get(trial.trial_id) or (old.mlflow_run_id if old else "")
-            run_id = self._safe(lambda: tracker.start_trial(
-                trial.trial_id, f"trial-{rec.number:03d}", self._run_params(params),
-                self.info.name, existing=stale or None))
-            rec.mlflow_run_id = run_id or ""
-            self._state["runs"][trial.trial_id] = rec.mlflow_run_id
+            def start() -> None:
+                earlier = self._state["runs"].get(tid) or rec.mlflow_run_id
+                rec.mlflow_run_id, self._state["logged"][tid] = tracker.start_trial(
+                    tid, f"trial-{rec.number:03d}", self._run_params(rec.params), self.info.name,
+                    existing=earlier or None)
+                self._state["runs"][tid] = rec.mlflow_run_id
+            self._send(start)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         """Called by Ray in the driver for every epoch a trial reports."""
@@ -119,9 +128,13 @@ class StudyCallback(Callback):
         rec.ended_at = time.time()
         epoch_metrics = {k: rec.metrics[k] for k in EPOCH_KEYS if k in rec.metrics}
         epoch_metrics.update({k: v for k, v in rec.metrics.items() if k.startswith("frac_")})
-        tracker = self._state["tracker"]
-        if tracker is not None and rec.mlflow_run_id:
-            self._safe(lambda: tracker.log_run(rec.mlflow_run_id, metrics=epoch_metrics, step=rec.epoch))
+        tracker, tid, epoch = self._state["tracker"], trial.trial_id, rec.epoch
+        if tracker is not None:
+            def log() -> None:  # runs now, or later from the outbox: reads the run id then
+                if rec.mlflow_run_id and epoch > self._state["logged"].get(tid, 0):
+                    tracker.log_run(rec.mlflow_run_id, metrics=epoch_metrics, step=epoch)
+                    self._state["logged"][tid] = epoch
+            self._send(log)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         """Called by Ray when a trial ends without an error: finished, diverged, or ASHA-stopped."""
@@ -134,8 +147,8 @@ class StudyCallback(Callback):
         checkpoint = trial.checkpoint
         rec.checkpoint = checkpoint.path if checkpoint is not None else ""
         tracker = self._state["tracker"]
-        if tracker is not None and rec.mlflow_run_id:
-            self._safe(lambda: self._log_final(tracker, rec, checkpoint))
+        if tracker is not None:
+            self._send(lambda: self._log_final(tracker, rec, checkpoint))
         self._finished(rec)
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
@@ -154,9 +167,10 @@ class StudyCallback(Callback):
         rec.log = self._keep_log(trial, rec.number)
         rec.failures += 1
         tracker = self._state["tracker"]
-        if tracker is not None and rec.mlflow_run_id:
-            self._safe(lambda: (tracker.log_run(rec.mlflow_run_id, tags={"state": "failed", "error": rec.error[-4000:]}),
-                                tracker.finish(rec.mlflow_run_id, "FAILED")))
+        if tracker is not None:
+            self._send(lambda: rec.mlflow_run_id and (
+                tracker.log_run(rec.mlflow_run_id, tags={"state": "failed", "error": rec.error[-4000:]}),
+                tracker.finish(rec.mlflow_run_id, "FAILED")))
         self._finished(rec)
 
     # ------------------------------------------------------------ helpers
@@ -194,6 +208,8 @@ class StudyCallback(Callback):
         return {**params, **fixed}
 
     def _log_final(self, tracker: Tracker, rec: TrialRecord, checkpoint) -> None:
+        if not rec.mlflow_run_id:
+            return
         final = {k: v for k, v in rec.metrics.items() if k.startswith("test_")}
         tracker.log_run(rec.mlflow_run_id, metrics=final, step=rec.epoch,
                         tags={"state": rec.state, "feasible": bool(rec.metrics.get("feasible", 0) >= 0.5),
@@ -202,6 +218,40 @@ class StudyCallback(Callback):
             with checkpoint.as_directory() as folder:
                 tracker.log_files(rec.mlflow_run_id, [Path(folder) / f for f in FINAL_FILES])
         tracker.finish(rec.mlflow_run_id, "FINISHED")
+
+    def _send(self, fn: Callable[[], Any]) -> None:
+        """Do one MLflow write now, or queue it behind earlier ones that could not be done: while
+        the tracking server is unreachable, trials keep training and their records wait here, in
+        order, and go out when it answers again (see :meth:`_flush`)."""
+        outbox = self._state["outbox"]
+        if not outbox:
+            try:
+                fn()
+                return
+            except Exception as exc:  # noqa: BLE001 -- tracking must never end the study
+                log.warning("tracking: %s: %s; queueing MLflow writes until it answers", type(exc).__name__, exc)
+        outbox.append(fn)
+
+    def _flush(self, final: bool = False) -> None:
+        """Send queued writes in order; stop at the first that fails (the server is still down).
+        Tried at most every FLUSH_EVERY_S from Ray's loop, so a dead server costs little time; at
+        the end of the study, for up to FINAL_WAIT_S."""
+        outbox = self._state["outbox"]
+        deadline = time.time() + (FINAL_WAIT_S if final else 0.0)
+        if not outbox or (not final and time.time() - self._state["flushed_at"] < FLUSH_EVERY_S):
+            return
+        while outbox:
+            self._state["flushed_at"] = time.time()
+            try:
+                outbox[0]()
+                outbox.popleft()
+            except Exception as exc:  # noqa: BLE001
+                if time.time() >= deadline:
+                    if final:
+                        log.warning("tracking: %d MLflow write(s) not sent (%s: %s); trials.parquet has every "
+                                    "trial", len(outbox), type(exc).__name__, exc)
+                    return
+                time.sleep(FLUSH_EVERY_S)
 
     @staticmethod
     def _safe(fn):

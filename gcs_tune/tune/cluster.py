@@ -162,6 +162,33 @@ def warm_caches(cfg_trees: list[dict], device: str | None, resources: dict[str, 
     return [enc for ref in done for enc in ray.get(ref)]
 
 
+def nodes_not_seeing(folder: str, timeout_s: float = 120.0) -> list[str]:
+    """Addresses of the live nodes that cannot read a marker file the driver just wrote in
+    ``folder``: a folder is shared when every node sees it, whatever its file system (several
+    raylets on one host share a local disk; two hosts may not share an NFS path mounted on one)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    token = os.urandom(8).hex()
+    marker = Path(folder) / f".gcs_tune-shared-{token}"
+    marker.write_text(token)
+    try:
+        check = ray.remote(num_cpus=0, max_retries=0)(_reads)
+        refs = {check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(marker), token): n for n in alive_nodes()}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        return [refs[r].get("NodeManagerAddress", "?") for r in refs if r not in ready or not ray.get(r)]
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _reads(path: str, token: str) -> bool:
+    try:
+        return Path(path).read_text() == token
+    except OSError:
+        return False
+
+
 def run_task(fn, resources: dict[str, float], *args):
     """Run ``fn(*args)`` as a Ray task with one trial's resources; its return value."""
     task = ray.remote(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0), max_retries=0)(fn)

@@ -5,7 +5,11 @@ matplotlib plots.
 A ``FrozenTrial`` per row with the space's distributions (a bound naming another parameter widened
 to its whole range, so all trials share one search space and the importance and contour plots see
 every parameter), the base floor as the searcher's constraint, PRUNED / FAIL from the state column
-and the per-epoch validation objective as intermediate values."""
+and the per-epoch validation objective as intermediate values.
+
+The rebuilt study is in the user's terms, like the table: ``beta2`` itself, where the searcher's
+own study samples its unit position ``beta2_u`` (see ``space.SpaceSampler``). The plots are for
+reading values off, so they show the values the trials ran with."""
 from __future__ import annotations
 
 import json
@@ -39,8 +43,9 @@ def dashboard_command(study_folder: Path) -> str:
 
 
 def distributions(params: dict[str, dict[str, Any]]) -> dict[str, BaseDistribution]:
-    """Optuna distributions of a saved space (``study.yaml``'s ``space.params``), as
-    ``space._suggest`` declares them, with a bound naming another parameter widened to its range."""
+    """Optuna distributions of a saved space (``study.yaml``'s ``space.params``) in the user's
+    terms, as ``space._suggest`` declares a parameter with numeric bounds; one with a bound naming
+    another parameter gets its whole range (it is not its unit position here)."""
     out: dict[str, BaseDistribution] = {}
     ranges: dict[str, tuple[float, float]] = {}
     for name, raw in params.items():

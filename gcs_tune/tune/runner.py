@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,9 +17,10 @@ from gcs_tune.config import ConfigError
 from gcs_tune.tune import cluster
 from gcs_tune.tune.callbacks import LOG_FILES, StudyCallback
 from gcs_tune.tune.finish import Outcome, console, finish_study, log_reference
-from gcs_tune.tune.searcher import build_searcher
+from gcs_tune.tune.searcher import build_searcher, concurrency_cap
 from gcs_tune.tune.space import Space, SpaceFile, load_space
-from gcs_tune.tune.study import StudyDir, StudyInfo, absolute_paths, is_shared, is_uri, latest_study, resolve_storage
+from gcs_tune.tune.study import (LOCK_FILE, StudyDir, StudyInfo, absolute_paths, is_uri, latest_study,
+                                 resolve_storage)
 from gcs_tune.tune.tracking import (TAG_PARENT, TAG_SELECTION, Tracker, absolute_tracking_uri, default_tracking_uri,
                                     is_server_uri)
 from gcs_tune.tune.trainable import TrialSetup, run_reference, train_trial
@@ -49,14 +51,16 @@ def run_search(opts: SearchOptions, trainable: Callable = train_trial) -> Outcom
     storage = resolve_storage(opts.storage)
     study, info, space = _open_study(opts, storage)
     started = cluster.connect(opts.address, dashboard=opts.dashboard)
+    held = ExitStack()
     try:
         gpus = info.gpus if info else opts.gpus
         res = space.spec.resources
-        plan = cluster.plan(gpus, res.gpus_per_trial, res.cpus_per_trial, res.max_concurrent)
+        plan = cluster.plan(gpus, res.gpus_per_trial, res.cpus_per_trial, concurrency_cap(space.spec))
         console.print(f"plan: {plan.describe()}")
         given = info.tracking_uri if info else opts.tracking_uri
         tracking = absolute_tracking_uri(given) if given else _default_tracking(study, storage)
         _check_cluster(plan, storage, tracking)
+        held.enter_context(study.lock())  # from here on this driver writes the study: no other may
         device = "cpu" if plan.gpus == 0 else None  # None: CUDA where the trial has a GPU
         _warm(space, device, plan, opts.progress)
         if info is None:
@@ -71,6 +75,7 @@ def run_search(opts: SearchOptions, trainable: Callable = train_trial) -> Outcom
         _fit(study, info, space, setup, trainable, plan, opts.live)
         return finish_study(study, info, start)
     finally:
+        held.close()
         if started:
             import ray
 
@@ -102,6 +107,9 @@ def _open_study(opts: SearchOptions, storage: str) -> tuple[StudyDir, StudyInfo 
         if not name:
             raise ConfigError(f"--resume: no study in {storage}; pass --name and --storage of the study")
         study = StudyDir(storage, name)
+        if study.local.is_dir():
+            with study.lock():  # a study another driver runs: say so before reading its half-written state
+                pass
         info = StudyInfo.load(study)
         if opts.trials is not None and opts.trials != info.trials or opts.overrides or opts.space:
             raise ConfigError("--resume continues the saved study as it was: drop --space, --trials and "
@@ -114,7 +122,8 @@ def _open_study(opts: SearchOptions, storage: str) -> tuple[StudyDir, StudyInfo 
     space.base = absolute_paths(space.base)
     name = opts.name or f"{Path(opts.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     study = StudyDir(storage, name)
-    if study.exists() or (not study.remote and study.local.exists() and any(study.local.iterdir())):
+    if study.exists() or (not study.remote and study.local.exists()
+                          and any(p.name != LOCK_FILE for p in study.local.iterdir())):
         raise ConfigError(f"study {name!r} already exists in {storage}: --resume --name {name} to finish it, "
                           f"or choose another --name")
     return study, None, space
@@ -129,9 +138,11 @@ def _default_tracking(study: StudyDir, storage: str) -> str:
 def _check_cluster(plan: cluster.Plan, storage: str, tracking: str) -> None:
     if plan.nodes <= 1:
         return
-    if not is_shared(storage):
-        raise ConfigError(f"the Ray cluster has {plan.nodes} nodes but --storage {storage} is a local path: "
-                          f"give shared storage (an NFS path or s3://...) that every node can write")
+    blind = [] if is_uri(storage) else cluster.nodes_not_seeing(storage)
+    if blind:
+        raise ConfigError(f"the Ray cluster has {plan.nodes} nodes but --storage {storage} is not shared: "
+                          f"node(s) {', '.join(blind)} cannot see it; give a folder every node mounts (NFS, "
+                          f"Lustre, ...) or s3://...")
     if not is_server_uri(tracking):
         raise ConfigError(f"the Ray cluster has {plan.nodes} nodes: --tracking-uri must be an MLflow server "
                           f"(http://host:5000), not {tracking}")
@@ -209,6 +220,7 @@ def _fit(study: StudyDir, info: StudyInfo, space: Space, setup: TrialSetup, trai
                                         trial_dirname_creator=trial_dirname, reuse_actors=True),
             run_config=tune.RunConfig(name=info.name, storage_path=info.storage, callbacks=[callback], verbose=0,
                                       log_to_file=LOG_FILES,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # per epoch: a retry continues
                                       failure_config=tune.FailureConfig(max_failures=space.spec.failure.max_failures)))
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Ray's own status table would fight the live view
     tuner.fit()

@@ -7,12 +7,17 @@ trial's last result):
 
 * sets the base-floor constraint with ``trial.set_constraint`` (Optuna 5; feasible when <= 0),
 * tells trials that stopped before their last epoch without diverging as PRUNED,
-* keeps a small YAML summary of the study (Optuna's best, states) for the tracker.
+* keeps a small YAML summary of the study (Optuna's best, states) for the tracker,
+* hands Ray the space's values as the trial's config, in the user's terms (see ``SpaceSampler``).
+
+How many trials run at once matters to TPE as much as the sampler's settings: see
+:func:`default_concurrency`.
 """
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import optuna
@@ -22,7 +27,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from gcs_tune.tune.optuna_study import CONSTRAINT
-from gcs_tune.tune.space import Space
+from gcs_tune.tune.space import Space, SpaceFile
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +46,16 @@ class ConstrainedOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.summary_path = summary_path
 
+    def _suggest_from_define_by_run_func(self, func, ot_trial) -> dict:
+        """Ray's version merges every value the function suggested into the config, which would
+        add Optuna's unit positions (``beta2_u``); the space already returns every value, in the
+        user's terms, and that alone is the trial's config."""
+        return func(ot_trial)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """Called by Ray for every epoch a trial reports: Optuna's intermediate value at step =
-        epoch. A retried or resumed trial starts again at epoch 1; steps Optuna already has are
-        skipped rather than reported twice."""
+        epoch. A retried or resumed trial continues after its last checkpoint's epoch (epoch 1 if
+        it has none); steps Optuna already has are skipped rather than reported twice."""
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
@@ -84,7 +95,8 @@ class ConstrainedOptunaSearch(OptunaSearch):
         out: dict = {"states": {k: v for k, v in states.items() if v}, "best": None}
         try:
             best = study.best_trial
-            out["best"] = {"number": best.number, "value": float(best.value), "params": _plain(best.params),
+            params = self._space.from_optuna(best.params)  # user terms, as in trials.parquet
+            out["best"] = {"number": best.number, "value": float(best.value), "params": _plain(params),
                            "constraints": _plain(best.constraints)}
         except ValueError:  # nothing complete, or nothing feasible yet
             pass
@@ -107,14 +119,63 @@ def build_searcher(space: Space, max_concurrent: int, summary_path: str | None) 
     """Seeded TPE over the space's define-by-run function, the defaults enqueued first, inside a
     ``ConcurrencyLimiter`` (without it Ray starts trials one at a time)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=space.spec.seed, n_startup_trials=_startup(space.spec.trials))
-    defaults = [dict(space.spec.defaults)] if space.spec.defaults else None
-    searcher = ConstrainedOptunaSearch(space=space.sampler(), metric="objective", mode="max",
-                                       sampler=sampler, points_to_evaluate=defaults,
+    sampler = space.sampler()
+    # Ray enqueues these as Optuna's params: a bound-naming parameter as its unit position
+    defaults = [sampler.to_optuna(space.spec.defaults)] if space.spec.defaults else None
+    searcher = ConstrainedOptunaSearch(space=sampler, metric="objective", mode="max",
+                                       sampler=tpe_sampler(space.spec, max_concurrent), points_to_evaluate=defaults,
                                        summary_path=summary_path)
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
 
 
-def _startup(trials: int) -> int:
+def tpe_sampler(spec: SpaceFile, max_concurrent: int) -> optuna.samplers.TPESampler:
+    """The study's TPE, every choice spelled out (Optuna's defaults have changed between releases).
+
+    * ``multivariate``: one joint density over the parameters, so beta2 is drawn knowing beta1
+      (independent TPE fits one density per parameter and loses such interactions; Optuna's docs
+      report it outperforming the independent TPE on single-objective problems).
+    * ``group``: with ``when:`` parameters the space differs between trials; the multivariate TPE
+      models only the parameters every trial has (the intersection search space) and draws the
+      conditional ones independently. ``group`` splits the space into the sets of parameters
+      that occur together and models each jointly (Optuna documents it for conditional spaces).
+      Off otherwise: it adds nothing to a fixed space and is experimental.
+    * ``constant_liar``: while trials run in parallel, the running ones count as bad results, so
+      the next suggestion moves away from them instead of repeating a neighbour of a trial still
+      training (Optuna's option for parallel and distributed TPE; no effect one at a time).
+    """
+    conditional = any(p.when for p in spec.params.values())
+    with warnings.catch_warnings():  # group's ExperimentalWarning: chosen knowingly, not news to the user
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup_trials(spec.trials),
+                                          multivariate=True, group=conditional, constant_liar=max_concurrent > 1)
+
+
+def startup_trials(trials: int) -> int:
     """Random trials before TPE models the space: Optuna's 10, fewer for small budgets."""
     return max(2, min(10, trials // 3))
+
+
+def default_concurrency(trials: int, startup: int) -> int:
+    """Trials at once when the space does not say: TPE learns only from finished trials.
+
+    With ``c`` trials at once, trial ``i`` (from 0) is suggested when about ``i - c + 1`` have
+    finished, and Optuna's TPE samples at random until ``startup`` have finished (it counts
+    complete and pruned trials). So the first ``startup + c - 1`` trials are random and the other
+    ``trials - startup - c + 1`` are TPE's. The cap keeps both of:
+
+    * at least half the budget TPE's: ``c <= trials // 2 - startup + 1``;
+    * at least four rounds of the budget, ``c <= trials // 4``: when the last quarter of the
+      trials is suggested, at least half the budget has finished, over twice as many trials as
+      are still running.
+
+    64 trials (10 random): 16 at once, 39 suggested by TPE (at 32 at once, 23). 16 trials: 4, 8.
+    """
+    return max(1, min(trials // 4, trials // 2 - startup + 1))
+
+
+def concurrency_cap(spec: SpaceFile) -> int:
+    """The space's ``resources.max_concurrent`` if it gives one, else :func:`default_concurrency`
+    (the cluster's slots may bind lower still)."""
+    if spec.resources.max_concurrent is not None:
+        return spec.resources.max_concurrent
+    return default_concurrency(spec.trials, startup_trials(spec.trials))

@@ -18,6 +18,11 @@ objective and its base floor, the trial budget, the scheduler and the resources 
     scheduler: {type: asha, grace_period: 5, reduction_factor: 3}
     resources: {gpus_per_trial: 0.25, cpus_per_trial: 2}
 
+A parameter whose bound names another one (``beta2`` above) is given to Optuna as its position
+``beta2_u`` in [0, 1] between the bounds (see :class:`SpaceSampler`): a fixed distribution, so the
+multivariate TPE models it jointly with ``beta1``. Everything outside the searcher's own study --
+the trial configs, the results table, MLflow -- sees ``beta2`` itself.
+
 Every problem is a :class:`ConfigError` naming the file and the key (the CLI exits 2).
 """
 from __future__ import annotations
@@ -69,6 +74,9 @@ class Param(_Model):
             raise ValueError("loguniform takes no step")
         if self.log and self.type != "int":
             raise ValueError("log is for int only (use type: loguniform)")
+        if self.log and self.dependent:  # a log grid between moving bounds has no natural unit position
+            raise ValueError("an int with log: true needs numeric low and high, not a bound naming another "
+                             "parameter (drop log, or use type: loguniform)")
         if self.type == "int":
             for b in (self.low, self.high):
                 if not isinstance(b, str) and float(b) != int(b):
@@ -82,6 +90,11 @@ class Param(_Model):
             if self.type == "loguniform" and lo <= 0:
                 raise ValueError(f"loguniform needs low > 0, got {lo}")
         return self
+
+    @property
+    def dependent(self) -> bool:
+        """A bound names another parameter: Optuna samples the unit position ``<name>_u`` instead."""
+        return isinstance(self.low, str) or isinstance(self.high, str)
 
     def active(self, values: dict[str, Any]) -> bool:
         """Whether this parameter exists, given the values of the earlier ones (``when``)."""
@@ -161,24 +174,70 @@ class Space:
         return apply_values(self.params, self.base, values)
 
     def sampler(self) -> "SpaceSampler":
-        return SpaceSampler(self.spec.params)
+        return SpaceSampler(self.spec.params, self.spec.defaults)
 
 
 class SpaceSampler:
-    """Optuna define-by-run function: suggests every active parameter, in file order.
+    """Optuna define-by-run function: suggests every active parameter, in file order, and returns
+    the values in the user's terms.
+
+    A parameter with a bound naming another parameter is suggested as ``<name>_u`` in [0, 1] and
+    mapped between its bounds. Suggesting it directly, ``suggest_float("beta2", beta1, 1)``, gives
+    a distribution that changes with every trial; Optuna's intersection search space drops such a
+    parameter, and the multivariate TPE then samples it independently of the bound it depends on.
+
+    ``defaults`` (user terms) come back exactly from the positions :meth:`to_optuna` gives them: a
+    default trial is recognised by equality with the defaults, and ``lo + u * (hi - lo)`` can miss
+    the default by an ulp (beta1 = 0.2, beta2 = 0.9 is u = 0.8749999999999999, which maps back to
+    0.8999999999999999).
 
     A plain class (not a closure) because Ray pickles the searcher, this included, with the
     standard ``pickle`` when it saves the experiment state."""
 
-    def __init__(self, params: dict[str, Param]):
+    defaults: dict[str, Any] = {}  # read only; the fallback of a searcher pickled before it had them
+
+    def __init__(self, params: dict[str, Param], defaults: dict[str, Any] | None = None):
         self.params = dict(params)
+        self.defaults = dict(defaults or {})
 
     def __call__(self, trial) -> dict[str, Any]:
         values: dict[str, Any] = {}
         for name, p in self.params.items():
             if p.active(values):
-                values[name] = _suggest(trial, name, p, values)
+                values[name] = self._suggest(trial, name, p, values)
         return values
+
+    def to_optuna(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Optuna's parameters for the user's ``values`` (to enqueue them, or for a ``FixedTrial``)."""
+        out: dict[str, Any] = {}
+        for name, p in self.params.items():
+            if name not in values:
+                continue
+            if p.dependent:
+                out[unit_name(name)] = _to_unit(p, values[name], *p.bounds(values))
+            else:
+                out[name] = values[name]
+        return out
+
+    def from_optuna(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The user's values of an Optuna trial's ``params`` (the inverse of :meth:`to_optuna`)."""
+        from optuna.trial import FixedTrial  # late: the space loads without Optuna's import time
+
+        return self(FixedTrial(params))
+
+    def _suggest(self, trial, name: str, p: Param, values: dict[str, Any]):
+        if not p.dependent:
+            return _suggest(trial, name, p, values)
+        lo, hi = p.bounds(values)
+        u = trial.suggest_float(unit_name(name), 0.0, 1.0)
+        if name in self.defaults and u == _to_unit(p, self.defaults[name], lo, hi):
+            return self.defaults[name]
+        return _from_unit(p, u, lo, hi)
+
+
+def unit_name(name: str) -> str:
+    """Optuna's name for a parameter whose bound names another one: its position in [0, 1]."""
+    return f"{name}_u"
 
 
 def apply_values(params: dict[str, Param], base: RunConfig, values: dict[str, Any]) -> RunConfig:
@@ -193,6 +252,46 @@ def _suggest(trial, name: str, p: Param, values: dict[str, Any]):
     if p.type == "int":
         return trial.suggest_int(name, int(math.ceil(lo)), int(math.floor(hi)), step=int(p.step or 1), log=p.log)
     return trial.suggest_float(name, float(lo), float(hi), log=p.type == "loguniform", step=p.step)
+
+
+def _grid(p: Param, lo: float, hi: float) -> tuple[float, int] | None:
+    """(first point, number of steps) of an int or stepped parameter on [lo, hi], as Optuna's
+    suggest_int / suggest_float(step=) lay it out: from low, high rounded down onto the grid."""
+    if p.type != "int" and p.step is None:
+        return None
+    step = p.step or 1
+    if p.type == "int":
+        lo, hi = math.ceil(lo), math.floor(hi)
+    n = math.floor((hi - lo) / step + 1e-9)
+    if n < 0:
+        raise ValueError(f"empty range [{lo}, {hi}]")
+    return lo, n
+
+
+def _from_unit(p: Param, u: float, lo: float, hi: float) -> float | int:
+    """The value at position ``u`` in [0, 1] between ``lo`` and ``hi``: uniform in u means
+    uniform in the value (in its log for loguniform; each grid point an equal share of [0, 1])."""
+    grid = _grid(p, lo, hi)
+    if grid is not None:
+        first, n = grid
+        value = first + min(n, math.floor(u * (n + 1))) * (p.step or 1)
+        return int(value) if p.type == "int" else min(float(value), hi)
+    if p.type == "loguniform":
+        value = math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+    else:
+        value = lo + u * (hi - lo)
+    return min(max(value, lo), hi)  # rounding must not leave the range the bounds promise
+
+
+def _to_unit(p: Param, value: float, lo: float, hi: float) -> float:
+    """The position of ``value`` (the inverse of :func:`_from_unit`; a grid point's middle)."""
+    grid = _grid(p, lo, hi)
+    if grid is not None:
+        first, n = grid
+        return (round((value - first) / (p.step or 1)) + 0.5) / (n + 1)
+    if p.type == "loguniform":
+        lo, hi, value = math.log(lo), math.log(hi), math.log(value)
+    return (value - lo) / (hi - lo) if hi > lo else 0.0
 
 
 # ---------------------------------------------------------------- loading and validation

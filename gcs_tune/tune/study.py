@@ -8,7 +8,9 @@ When ``--storage`` is a URI (s3://, gs://), those files are kept in a local mirr
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,8 +26,7 @@ from gcs_tune.config import ConfigError, RunConfig, build_config
 # extensions would be reverted to its state at restore time.
 STUDY_FILE = "study.yaml"
 MIRROR_ROOT = Path("~/.cache/gcs_tune/studies").expanduser()
-NETWORK_FS = ("nfs", "nfs4", "cifs", "smbfs", "lustre", "gpfs", "beegfs", "cephfs", "ceph", "fuse.juicefs",
-              "fuse.s3fs", "fuse.gcsfuse", "glusterfs", "9p", "virtiofs")
+LOCK_FILE = ".driver.lock"  # held by the driver of a running study (fcntl): one driver per study
 
 
 def is_uri(storage: str) -> bool:
@@ -37,22 +38,6 @@ def resolve_storage(storage: str) -> str:
     if is_uri(storage):
         return storage.rstrip("/")
     return str(Path(storage.removeprefix("file://")).expanduser().resolve())
-
-
-def is_shared(storage: str) -> bool:
-    """True for object-store URIs and for paths on a network file system (NFS, Lustre, ...)."""
-    if is_uri(storage):
-        return True
-    path, best, fstype = Path(storage), "", ""
-    try:
-        with open("/proc/mounts") as fh:
-            for line in fh:
-                _, mount, kind = line.split()[:3]
-                if (str(path) + "/").startswith(mount.rstrip("/") + "/") and len(mount) >= len(best):
-                    best, fstype = mount, kind
-    except OSError:
-        return False
-    return fstype in NETWORK_FS
 
 
 class StudyDir:
@@ -96,6 +81,42 @@ class StudyDir:
 
     def exists(self) -> bool:
         return self.read(STUDY_FILE) is not None
+
+    def lock(self) -> "StudyLock":
+        return StudyLock(self.local / LOCK_FILE, self.name)
+
+
+class StudyLock:
+    """One driver per study: an exclusive ``flock`` on ``<study>/.driver.lock`` held for the whole
+    search. The kernel drops it when the driver dies (even by SIGKILL), so ``--resume`` after a
+    crash is never refused, while a second ``--resume`` of a running study is. (On a remote
+    storage URI the lock guards the local mirror: one host.)"""
+
+    def __init__(self, path: Path, name: str):
+        self.path, self.name, self._fd = path, name, None
+
+    def __enter__(self) -> "StudyLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(f"study {self.name!r} is being run by another driver ({holder}); wait for it to "
+                              f"finish or stop it before --resume (two drivers would run every trial twice)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            if [p.name for p in self.path.parent.iterdir()] == [self.path.name]:  # a start that wrote nothing
+                self.path.unlink()
+                self.path.parent.rmdir()
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
 
 
 @dataclass

@@ -3,8 +3,8 @@
 One experiment per study, a parent run for the study, one child run per trial (tag
 ``mlflow.parentRunId``) keyed by its Ray trial id, the CoOp reference and the export as their
 own runs linked to the study by tags. Idempotent across ``--resume``: runs are found again by
-tag; a trial that restarts (retry, resume) replaces its unfinished run instead of logging its
-epochs twice. sqlite allows one writer, which is why trials never log themselves.
+tag; a trial that restarts (retry, resume) continues its run from its last checkpoint and never
+logs an epoch twice. sqlite allows one writer, which is why trials never log themselves.
 """
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # research clusters are often offline
+# The client's own retries (7, doubling from 2 s) would hold Ray's driver loop, and with it every
+# trial's next report, for minutes while a server is down; the study callback queues what fails
+# and sends it when the server answers again, so one call gives up after a few seconds.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -120,15 +126,21 @@ class Tracker:
         return {r.data.tags.get(TAG_TRIAL, ""): r.info.run_id for r in runs}
 
     def start_trial(self, trial_id: str, run_name: str, params: dict[str, Any], study: str,
-                    existing: str | None = None) -> str:
-        """A fresh child run for a trial attempt; an unfinished run of an earlier attempt is
-        deleted first, so its epochs are not logged twice."""
+                    existing: str | None = None) -> tuple[str, int]:
+        """The child run of a trial attempt and the last epoch it holds. A retried or resumed
+        attempt continues the run of the earlier one (it resumes from its last checkpoint); the
+        epochs already logged are not logged again."""
         if existing:
-            self.client.delete_run(existing)
+            try:
+                self.client.update_run(existing, status="RUNNING")
+                history = self.client.get_metric_history(existing, "objective")
+                return existing, max((m.step for m in history), default=0)
+            except Exception:  # noqa: BLE001 -- deleted by hand, or another store: start afresh
+                pass
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
             TAG_PARENT: self.parent_id, TAG_TRIAL: trial_id, TAG_STUDY: study, TAG_ROLE: "trial", **self.tags})
         self.log_run(run.info.run_id, params=params)
-        return run.info.run_id
+        return run.info.run_id, 0
 
 
 def _param_text(value: Any) -> str:

@@ -5,8 +5,10 @@ config from the base config and the sampled parameters, trains with ``fit`` (whi
 frozen image features from the on-disk cache the driver filled), and reports every epoch. Every
 report carries a finite ``objective``, ``hm``, ``base_acc``, ``novel_acc``, ``feasible`` and
 ``violation`` -- a missing or NaN objective would abort the search or leave the Optuna trial
-stuck RUNNING. The last epoch also reports a checkpoint holding the learned prompt, the resolved
-config and the final metrics, which Ray persists to the study's storage for the driver to log.
+stuck RUNNING. Every report carries a checkpoint that Ray persists to the study's storage: before
+the last epoch the run's state (``state.pt``, one state per seed), from which a retried or resumed
+trial continues at the next epoch; the last epoch's (or a divergence's) holds the learned prompt,
+the resolved config and the final metrics, for the driver to log.
 """
 from __future__ import annotations
 
@@ -17,16 +19,20 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gcs_tune.config import RunConfig, build_config, dump_config
-from gcs_tune.engine import EpochResult, fit
+from gcs_tune.engine import EpochResult, RunState, fit
 from gcs_tune.objective import score, worst
 from gcs_tune.prepare import Prepared, prepare
 
+if TYPE_CHECKING:  # Ray itself is imported where it is used, in train_trial
+    from ray.tune import Checkpoint
+
 REQUIRED = ("objective", "hm", "base_acc", "novel_acc", "feasible", "violation")
+STATE_FILE = "state.pt"  # in every checkpoint but the last: [RunState.to_dict() of each seed]
 _PREPARED: dict[str, Prepared] = {}  # per worker process, reused by the trials it runs (one per seed)
 
 
@@ -107,28 +113,47 @@ def seed_mean(per_seed: list[dict[str, float]], cfg: RunConfig) -> dict[str, flo
             "hm_seed_std": statistics.stdev(m["hm"] for m in per_seed), "seeds": float(len(per_seed))}
 
 
+def saved_states(checkpoint: Checkpoint | None, seeds: int) -> list[RunState | None]:
+    """The run state of each seed in the trial's last checkpoint (``tune.get_checkpoint()``), or
+    none to resume from: no checkpoint yet, or one without a state."""
+    if checkpoint is None:
+        return [None] * seeds
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / STATE_FILE
+        saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    if saved is None:
+        return [None] * seeds
+    if len(saved) != seeds:
+        raise ValueError(f"{checkpoint.path}: {len(saved)} seed states for a trial of {seeds} seeds")
+    return [RunState.from_dict(s) for s in saved]
+
+
 def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """Ray Tune function trainable: called by Ray in a worker, once per trial attempt.
 
-    A retried or resumed trial starts again from epoch 1 (the lab and cached-feature runs are
-    short); Ray's ``training_iteration`` may then run ahead of ``epoch``, so ASHA uses ``epoch``."""
+    A retried or resumed trial continues after the epoch of its last checkpoint, with the results
+    an uninterrupted trial gives (``fit(resume=...)``). One that failed before its first report
+    starts again from epoch 1, and Ray's ``training_iteration`` then runs ahead of ``epoch``: ASHA
+    uses ``epoch``."""
     from ray import tune
 
     torch.set_num_threads(max(1, setup.threads))
     cfg = trial_config(setup, config)
     cfgs = [cfg.replace(seed=cfg.seed + k) for k in range(setup.seeds_per_trial)]
+    states = saved_states(tune.get_checkpoint(), len(cfgs))
     started_at = time.time()
-    runs = [fit(c, p) for c, p in zip(cfgs, prepared(cfgs))]
+    runs = [fit(c, p, resume=s) for c, p, s in zip(cfgs, prepared(cfgs), states)]
     for results in zip(*runs):  # the seeds advance epoch by epoch together: ASHA sees their mean
         res = results[0]
         metrics = seed_mean([epoch_metrics(r, cfg, started_at) for r in results], cfg)
-        if all(r.final is None and not r.diverged for r in results):
-            tune.report(metrics)
-            continue
+        ends = any(r.final is not None or r.diverged for r in results)
         with tempfile.TemporaryDirectory() as tmp:
-            write_outputs(Path(tmp), cfg, res, metrics)
+            if ends:
+                write_outputs(Path(tmp), cfg, res, metrics)
+            else:
+                torch.save([r.state.to_dict() for r in results], Path(tmp) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
-        if any(r.diverged for r in results):
+        if ends:
             return
 
 

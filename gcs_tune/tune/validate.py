@@ -1,6 +1,7 @@
 """Checks of a search space against the run config, before Ray starts: bounds that name other
-parameters, every end of every range (and their combinations) giving a valid run config,
-``method.*`` parameters only for methods that have them, defaults inside the space."""
+parameters (and the unit position Optuna samples for them), every end of every range (and their
+combinations) giving a valid run config, ``method.*`` parameters only for methods that have them,
+defaults inside the space."""
 from __future__ import annotations
 
 import warnings
@@ -8,7 +9,7 @@ from typing import Any
 
 from gcs_tune.config import ConfigError, RunConfig
 from gcs_tune.methods.table import METHODS
-from gcs_tune.tune.space import Param, SpaceFile, SpaceSampler, apply_values
+from gcs_tune.tune.space import Param, SpaceFile, SpaceSampler, apply_values, unit_name
 
 
 def check_params(spec: SpaceFile, base: RunConfig, source: str) -> None:
@@ -22,9 +23,14 @@ def check_params(spec: SpaceFile, base: RunConfig, source: str) -> None:
         for ref in (p.when or {}):
             if ref not in seen:
                 raise ConfigError(f"{where}.when: {ref!r} is not an earlier parameter")
+        if p.dependent and unit_name(name) in spec.params:
+            raise ConfigError(f"{where}: a bound names another parameter, so Optuna samples its position "
+                              f"{unit_name(name)!r}, which is also a parameter here: rename one of them")
         rng = p.numeric_range(ranges)
         if rng is not None and p.type in ("uniform", "loguniform") and rng[0] >= rng[1]:
             raise ConfigError(f"{where}: empty range: low can reach {rng[0]}, high is {rng[1]}")
+        if rng is not None and p.type == "loguniform" and rng[0] <= 0:
+            raise ConfigError(f"{where}: loguniform needs low > 0, but low can reach {rng[0]}")
         _check_knob(name, p, spec, base, where)
         if rng is not None:
             ranges[name] = rng
@@ -86,12 +92,18 @@ def _check_defaults(spec: SpaceFile, base: RunConfig, source: str) -> None:
     for name in values:
         if name not in spec.params:
             raise ConfigError(f"{source}: defaults.{name}: not a searched parameter")
+    missing = [n for n, p in spec.params.items() if n not in values and p.active(values)]
+    if missing:
+        raise ConfigError(f"{source}: defaults: no value for {', '.join(missing)} (the defaults trial sets "
+                          f"every parameter active at the defaults)")
     try:
         from optuna.trial import FixedTrial  # the tune package may import optuna
 
+        sampler = SpaceSampler(spec.params, values)
         with warnings.catch_warnings():  # out-of-range values are reported below, as errors
             warnings.simplefilter("ignore")
-            sampled = SpaceSampler(spec.params)(FixedTrial(values))
+            # what the searcher enqueues, read back as the defaults trial will be
+            sampled = sampler(FixedTrial(sampler.to_optuna(values)))
         for name, value in sampled.items():
             _check_in_range(name, spec.params[name], value, sampled)
         apply_values(spec.params, base, sampled)

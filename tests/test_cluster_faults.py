@@ -1,0 +1,184 @@
+"""A study on a real two-node Ray cluster (two raylets on loopback, started as Ray's own tests do)
+logging to a real ``mlflow server`` process, with faults injected while trials run:
+
+* the worker node is removed mid-study: its trial is retried on the head from its last per-epoch
+  checkpoint, and every trial's final numbers equal an uninterrupted run of its config and seed;
+* the MLflow server is down for 20 s mid-study: trials keep training, logging retries, and every
+  child run still has exactly one value per epoch.
+
+Every trial is counted once in Optuna, the Parquet table and MLflow. Slow (a minute or two each)."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+from mlflow.tracking import MlflowClient  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from gcs_tune import search  # noqa: E402
+from gcs_tune.engine import fit  # noqa: E402
+from gcs_tune.tune.results import TERMINAL, read_table, trial_params  # noqa: E402
+from gcs_tune.tune.space import apply_values, load_space  # noqa: E402
+from gcs_tune.tune.study import StudyDir, StudyInfo  # noqa: E402
+
+pytestmark = pytest.mark.slow
+TRIALS, EPOCHS = 4, 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """``mlflow server`` on loopback, as the README tells a cluster user to start it."""
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.proc = root, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> None:
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+               "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
+        log = (self.root / "server.log").open("a")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200:
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlflow server did not answer /health in {timeout:g} s; see {self.root / 'server.log'}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            import os
+            import signal
+
+            os.killpg(self.proc.pid, signal.SIGKILL)  # a crash, workers included (SIGTERM drains for long)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server():
+    root = Path(tempfile.mkdtemp(prefix="gcs_mlflow_"))
+    srv = MlflowServer(root)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def two_nodes():
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = nodes.add_node(num_cpus=1)
+    nodes.wait_for_nodes()
+    yield nodes, worker
+    if ray.is_initialized():
+        ray.shutdown()
+    nodes.shutdown()
+
+
+def space_file(tmp_path, fast_space):
+    return fast_space(tmp_path, trials=TRIALS, objective={"floor": "zero_shot", "tolerance": 5.0},
+                      base={"backbone": {"model": "lab"},
+                            "data": {"dataset": "lab", "shots": 8, "views": 1, "lab_test_per_class": 4,
+                                     "cache_dir": str(tmp_path / "cache")},
+                            "method": {"name": "gcscoop"}, "optim": {"batch_size": 16},
+                            "schedule": {"epochs": EPOCHS}})
+
+
+def watch(study: StudyDir, stop: threading.Event, when, act) -> threading.Thread:
+    """Call ``act()`` once ``when(study)`` holds, from a thread, while the search runs."""
+    def loop():
+        while not stop.is_set():
+            if when(study):
+                act()
+                return
+            time.sleep(0.2)
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+def checkpointed(study: StudyDir) -> bool:
+    """Some trial has saved a per-epoch checkpoint and none has finished: trials are mid-run."""
+    done = (study.local / "trials.parquet").exists() and read_table(study)["state"].isin(TERMINAL).any()
+    return not done and any(study.local.glob("trial_*/checkpoint_*"))
+
+
+def run_study(tmp_path, fast_space, address, tracking, name, fault) -> StudyDir:
+    storage = str(tmp_path / "shared")  # one folder both raylets see: shared storage
+    study, stop = StudyDir(storage, name), threading.Event()
+    thread = watch(study, stop, *fault)
+    try:
+        code = search.main(["--space", str(space_file(tmp_path, fast_space)), "--gpus", "0", "--address", address,
+                            "--storage", storage, "--tracking-uri", tracking, "--name", name, "--quiet"])
+    finally:
+        stop.set()
+        thread.join()
+    assert code == 0
+    return study
+
+
+def assert_counted_once(study: StudyDir) -> None:
+    frame = read_table(study)
+    assert len(frame) == TRIALS and frame["trial_id"].is_unique and frame["state"].isin(TERMINAL).all()
+    info = StudyInfo.load(study)
+    client = MlflowClient(info.tracking_uri)
+    exp = client.get_experiment_by_name(info.experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == info.parent_run_id]
+    assert sorted(r.data.tags["gcs_tune.trial_id"] for r in children) == sorted(frame["trial_id"])
+    for run in children:  # one value per epoch reached, none twice, none lost
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "objective")]
+        assert steps == list(range(1, len(steps) + 1)), f"{run.info.run_name}: {steps}"
+        assert run.info.status == "FINISHED"
+
+
+def test_a_trial_on_a_removed_node_continues_elsewhere_from_its_checkpoint(two_nodes, server, tmp_path, fast_space):
+    nodes, worker = two_nodes
+    study = run_study(tmp_path, fast_space, nodes.address, server.uri, "node-lost",
+                      (checkpointed, lambda: nodes.remove_node(worker)))
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 1 if ray.is_initialized() else True
+    assert_counted_once(study)
+    frame = read_table(study)
+    assert (frame["state"] == "complete").all()  # FIFO: all ran to the end, one after a retry
+    space = load_space(study.local / "space.yaml", {"objective.floor": "zero_shot"})
+    info = StudyInfo.load(study)
+    for row in frame.to_dict("records"):  # each equals an uninterrupted run of its config and seed
+        cfg = apply_values(space.params, info.base_config(), trial_params(row)).replace(**{"backbone.device": "cpu"})
+        last = list(fit(cfg))[-1]
+        assert row["base_acc"] == pytest.approx(last.val.base, abs=1e-6)
+        assert row["novel_acc"] == pytest.approx(last.val.novel, abs=1e-6)
+
+
+def test_trials_keep_training_while_the_mlflow_server_is_down(two_nodes, server, tmp_path, fast_space):
+    nodes, _ = two_nodes
+    outage = {}
+
+    def down_for_20_s():
+        server.stop()
+        outage["stopped"] = time.time()
+        time.sleep(20)
+        server.start()
+        outage["back"] = time.time()
+
+    study = run_study(tmp_path, fast_space, nodes.address, server.uri, "server-down", (checkpointed, down_for_20_s))
+    assert outage["back"] - outage["stopped"] >= 20
+    frame = read_table(study)
+    during = (frame["ended_at"] > outage["stopped"]) & (frame["ended_at"] < outage["back"])
+    assert during.any()  # trials went on training, and finishing, while the server was down
+    assert_counted_once(study)  # ... and every epoch reached MLflow once the server was back
