@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from gcs_tune.tune.results import describe_trial, read_table
     from gcs_tune.tune.study import StudyDir, StudyInfo, latest_study, resolve_storage
+    from gcs_tune.tune.trial import TrialState
 
     seeds = parse_seeds(args.seeds)
     if args.finalists < 0 or args.finalist_seeds < 0:
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     study = StudyDir(storage, name)
     info = StudyInfo.load(study)
     frame = read_table(study)
-    if frame.empty or not (frame["state"] == "complete").any():
+    if frame.empty or not (frame["state"] == TrialState.COMPLETE).any():
         raise ConfigError(f"study {name}: no trial has finished all its epochs yet ({len(frame)} trial(s) recorded)")
     selection = info.base["objective"]["selection"]
     console.print(f"study {name}; selection {selection}: " + (

@@ -8,6 +8,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("GCS_TUNE_CHECKPOINT_EVERY_S", "0")  # every epoch: the fault tests resume mid-trial
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402

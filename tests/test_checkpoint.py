@@ -135,7 +135,7 @@ def test_a_failed_trial_is_retried_from_its_last_epoch(ray_cluster, tmp_path):
     cfgs = [cfg.replace(seed=cfg.seed + k) for k in range(2)]
     whole = list(zip(*(fit(c, prepare(c)) for c in cfgs)))
     for (_, row), results in zip(rows.iterrows(), whole):
-        expected = seed_mean([epoch_metrics(r, cfg, 0.0) for r in results], cfg)
+        expected = seed_mean([epoch_metrics(r, cfg, 0.0) for r in results], cfg).to_ray()
         for k in COMPARED:
             assert math.isclose(row[k], expected[k], rel_tol=0, abs_tol=1e-6), (int(row["epoch"]), k)
     with result.checkpoint.as_directory() as folder:  # the last epoch's, as the driver reads it

@@ -141,7 +141,9 @@ def assert_counted_once(study: StudyDir) -> None:
     exp = client.get_experiment_by_name(info.experiment)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == info.parent_run_id]
-    assert sorted(r.data.tags["gcs_tune.trial_id"] for r in children) == sorted(frame["trial_id"])
+    assert sorted(r.data.tags["gcs_tune.trial_id"] for r in children) == sorted(frame["trial_id"]), [
+        (r.data.tags["gcs_tune.trial_id"], r.info.run_name, r.info.status, r.info.start_time, r.info.run_id)
+        for r in children]
     for run in children:  # one value per epoch reached, none twice, none lost
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "objective")]
         assert steps == list(range(1, len(steps) + 1)), f"{run.info.run_name}: {steps}"
@@ -152,10 +154,10 @@ def test_a_trial_on_a_removed_node_continues_elsewhere_from_its_checkpoint(two_n
     nodes, worker = two_nodes
     study = run_study(tmp_path, fast_space, nodes.address, server.uri, "node-lost",
                       (checkpointed, lambda: nodes.remove_node(worker)))
-    assert len([n for n in ray.nodes() if n["Alive"]]) == 1 if ray.is_initialized() else True
     assert_counted_once(study)
     frame = read_table(study)
-    assert (frame["state"] == "complete").all()  # FIFO: all ran to the end, one after a retry
+    assert (frame["state"] == "complete").all()  # FIFO: all ran to the end ...
+    assert frame["failures"].sum() >= 1  # ... the one on the lost node after a retry on the head
     space = load_space(study.local / "space.yaml", {"objective.floor": "zero_shot"})
     info = StudyInfo.load(study)
     for row in frame.to_dict("records"):  # each equals an uninterrupted run of its config and seed
@@ -182,3 +184,40 @@ def test_trials_keep_training_while_the_mlflow_server_is_down(two_nodes, server,
     during = (frame["ended_at"] > outage["stopped"]) & (frame["ended_at"] < outage["back"])
     assert during.any()  # trials went on training, and finishing, while the server was down
     assert_counted_once(study)  # ... and every epoch reached MLflow once the server was back
+
+
+def test_a_driver_killed_mid_study_is_finished_by_resume(two_nodes, server, tmp_path, fast_space):
+    """SIGKILL, not Ctrl-C: nothing in the driver gets to save. ``--resume`` then finishes the study
+    from Ray's last experiment snapshot and the per-epoch checkpoints: completed trials kept, each
+    trial once in Optuna, Parquet and MLflow."""
+    import os
+    import signal
+
+    import yaml
+
+    nodes, _ = two_nodes
+    storage, name = str(tmp_path / "shared"), "killed"
+    study = StudyDir(storage, name)
+    cmd = [sys.executable, "-m", "gcs_tune.search", "--space", str(space_file(tmp_path, fast_space)), "--gpus", "0",
+           "--address", nodes.address, "--storage", storage, "--tracking-uri", server.uri, "--name", name, "--quiet"]
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while time.time() < deadline and driver.poll() is None:
+        done = (study.local / "trials.parquet").exists() and read_table(study)["state"].isin(TERMINAL).sum()
+        if done and done < TRIALS:
+            break
+        time.sleep(0.2)
+    assert driver.poll() is None, "the driver ended before a trial finished: nothing to kill mid-study"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    before = read_table(study)
+    kept = before[before["state"].isin(TERMINAL)].set_index("trial_id")["mlflow_run_id"]
+
+    assert search.main(["--resume", "--name", name, "--storage", storage, "--address", nodes.address,
+                        "--quiet"]) == 0
+    assert_counted_once(study)
+    after = read_table(study).set_index("trial_id")
+    assert (after.loc[kept.index, "mlflow_run_id"] == kept).all()  # finished trials kept their runs
+    optuna_view = yaml.safe_load((study.local / "optuna.yaml").read_text())
+    assert sum(optuna_view["states"].values()) == TRIALS and "running" not in optuna_view["states"]
+    assert os.path.exists(study.local / "optuna.db")

@@ -138,3 +138,19 @@ def test_cache_hit_atomic_and_corruption_rebuilt(tmp_path):
     assert not hit3 and len(calls) == 2 and torch.equal(rebuilt.features, first.features)
     cache.get_or_compute({"split": "val", "model": "other"}, compute)
     assert len(calls) == 3  # another backbone never reuses these features
+
+
+def test_cache_files_are_private_unless_the_folder_is_shared_on_purpose(tmp_path):
+    import stat as st
+
+    def make():
+        return CachedFeatures(("a",), torch.zeros(1, 3))
+
+    private, shared = tmp_path / "mine", tmp_path / "team"
+    private.mkdir(mode=0o755)
+    shared.mkdir()
+    shared.chmod(0o2770)  # what a team does for a shared cache
+    for folder in (private, shared):
+        FeatureCache(folder).get_or_compute({"split": "val"}, make)
+    modes = [st.S_IMODE(next(f.glob("*.parquet")).stat().st_mode) for f in (private, shared)]
+    assert modes == [0o600, 0o640]

@@ -18,6 +18,7 @@ from gcs_tune.prepare import prepare
 from gcs_tune.stats import paired_difference
 from gcs_tune.tune.space import load_space
 from gcs_tune.tune.trainable import TrialSetup, run_reference, seed_mean, trial_config
+from gcs_tune.tune.trial import TrialReport
 from gcs_tune.tune.verdict import Finalist, choose, finalist_rows, lead_over_defaults
 
 
@@ -91,7 +92,7 @@ def test_seed_mean_scores_the_mean_accuracies():
     a = {"base_acc": 80.0, "novel_acc": 60.0, "hm": 68.57, "objective": 68.57, "feasible": 1.0, "violation": 0.0,
          "diverged": 0.0, "floor": 70.0, "base_acc_se": 3.0, "novel_acc_se": 4.0}
     b = {**a, "base_acc": 60.0, "novel_acc": 70.0, "hm": 64.6}
-    m = seed_mean([a, b], load_config())
+    m = seed_mean([TrialReport.from_ray(a), TrialReport.from_ray(b)], load_config()).to_ray()
     assert m["base_acc"] == 70.0 and m["novel_acc"] == 65.0
     assert math.isclose(m["hm"], 2 * 70 * 65 / 135) and m["feasible"] == 1.0  # 70 >= the floor 70
     assert math.isclose(m["base_acc_se"], math.sqrt(18) / 2) and m["hm_seed_std"] > 0

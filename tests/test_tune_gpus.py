@@ -28,7 +28,7 @@ def max_overlap(intervals: list[tuple[float, float]]) -> int:
 
 def test_quarter_gpus_run_trials_at_once(ray_cluster, tmp_path, fast_space):
     space = fast_space(tmp_path, trials=TRIALS, objective={"floor": "none"},
-                       resources={"gpus_per_trial": 0.25, "cpus_per_trial": 1})
+                       resources={"gpus_per_trial": 0.25, "cpus_per_trial": 1, "max_concurrent": 4})  # not the TPE cap
     outcome = run_search(SearchOptions(space=str(space), gpus=8, storage=str(tmp_path / "s"), name="gpus",
                                        live=False, overrides={"schedule.epochs": 4}))
     info = outcome.info

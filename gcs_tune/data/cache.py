@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,12 @@ class CachedFeatures:
 
 def ids_digest(ids: tuple[str, ...]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def file_mode(folder: Path) -> int:
+    """0600: features of a private dataset stay private. A cache folder made group-writable on
+    purpose (``chmod 2770``: a team's shared cache) gets 0640, so the group reuses the features."""
+    return 0o640 if folder.stat().st_mode & stat.S_IWGRP else 0o600
 
 
 class FeatureCache:
@@ -93,6 +100,7 @@ class FeatureCache:
         os.close(fd)
         try:
             pq.write_table(table, tmp)
+            os.chmod(tmp, file_mode(path.parent))
             os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the whole new one
         finally:
             if os.path.exists(tmp):

@@ -1,6 +1,8 @@
 """The driver-side Ray Tune callback: one place where trial events become records, the Parquet
 table, MLflow runs and the live view. Ray calls its hooks in the driver process, in the order the
-trial events happen; nothing here runs inside a trial.
+trial events happen; nothing here runs inside a trial. What happens when a trial ends, whichever
+way, is :meth:`StudyCallback.finished` (Optuna is told by the searcher, from the same
+:attr:`TrialReport.final_state`).
 
 Ray pickles this object into the experiment (``tuner.pkl``) when the Tuner is created and
 unpickles it on ``Tuner.restore``: it therefore holds only plain settings, and builds its live
@@ -10,25 +12,23 @@ wrote, so nothing is logged twice after a resume.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ray.tune import Callback
 
 from gcs_tune.tune.results import TrialRecord, records_from_table, write_table
-from gcs_tune.tune.searcher import is_pruned
 from gcs_tune.tune.study import StudyDir, StudyInfo
 from gcs_tune.tune.tracking import Tracker, flatten
 from gcs_tune.tune.trainable import TrialSetup, trial_config
+from gcs_tune.tune.trial import TrialReport, TrialState
 from gcs_tune.tune.view import LiveView
 
 log = logging.getLogger(__name__)
-EPOCH_KEYS = ("objective", "hm", "base_acc", "novel_acc", "feasible", "violation", "train_loss", "lr", "diverged",
-              "epoch_seconds", "mean_cos", "base_acc_se", "novel_acc_se", "hm_seed_std")  # MLflow colours by the first
 FINAL_FILES = ("prompt.pt", "config.yaml", "final.json")
 LOG_FILES = ("stdout.log", "stderr.log")  # each trial's own output, in its trial folder
 FLUSH_EVERY_S = 5.0  # retry period of queued MLflow writes while the server does not answer
@@ -41,10 +41,24 @@ def trial_number(trial) -> int:
     return int(head) - 1 if head.isdigit() else -1
 
 
+@dataclass
+class _Live:
+    """The callback's state while Ray runs it: built in ``setup``, never pickled."""
+
+    study: StudyDir
+    records: dict[str, TrialRecord]  # Ray trial id -> record
+    tracker: Tracker | None
+    runs: dict[str, str]  # Ray trial id -> MLflow run id
+    view: LiveView | None
+    logged: dict[str, int] = field(default_factory=dict)  # Ray trial id -> last epoch its MLflow run holds
+    outbox: deque[Callable[[], Any]] = field(default_factory=deque)  # MLflow writes waiting for the server
+    flushed_at: float = 0.0
+
+
 class StudyCallback(Callback):
     def __init__(self, info: StudyInfo, setup: TrialSetup, live: bool = True):
         self.info, self.trial_setup, self.live = info, setup, live
-        self._state: dict[str, Any] | None = None  # built in setup(), never pickled
+        self._state: _Live | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"info": self.info, "trial_setup": self.trial_setup, "live": self.live, "_state": None}
@@ -56,26 +70,22 @@ class StudyCallback(Callback):
         study = StudyDir(self.info.storage, self.info.name)
         records = records_from_table(study)
         tracker = self._safe(lambda: Tracker.for_study(self.info))
-        runs: dict[str, str] = {}  # Ray trial id -> MLflow run id
-        if tracker is not None:
-            runs = self._safe(tracker.trial_runs) or {}
+        runs = (self._safe(tracker.trial_runs) if tracker is not None else None) or {}
         view = LiveView(self.info.name, self.info.trials) if self.live else None
         if view:
             view.start()
-        self._state = {"study": study, "records": records, "tracker": tracker, "runs": runs, "view": view,
-                       "logged": {},  # Ray trial id -> last epoch its MLflow run holds
-                       "outbox": deque(), "flushed_at": 0.0}
+        self._state = _Live(study, records, tracker, runs, view)
 
     @property
     def records(self) -> dict[str, TrialRecord]:
-        return self._state["records"] if self._state else {}
+        return self._state.records if self._state else {}
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         """Called by Ray after every step of its control loop: redraw the view (throttled)."""
         if self._state:
             self._flush()
-        if self._state and self._state["view"]:
-            self._state["view"].update(list(self.records.values()))
+        if self._state and self._state.view:
+            self._state.view.update(list(self.records.values()))
 
     def on_experiment_end(self, trials: list, **info) -> None:
         """Called by Ray when the last trial is done (not on Ctrl-C: the runner saves then)."""
@@ -84,11 +94,14 @@ class StudyCallback(Callback):
     def close(self) -> None:
         if not self._state:
             return
+        tracker = self._state.tracker
+        if tracker is not None:  # every trial of the study is known now
+            self._send(lambda: tracker.remove_orphans(set(self.records)))
         self._flush(final=True)
         self.write_table()
-        if self._state["view"]:
-            self._state["view"].stop(list(self.records.values()))
-            self._state["view"] = None
+        if self._state.view:
+            self._state.view.stop(list(self.records.values()))
+            self._state.view = None
 
     # ------------------------------------------------------------ trials
 
@@ -102,15 +115,15 @@ class StudyCallback(Callback):
                               is_default=bool(defaults) and params == defaults,
                               epochs=int(self.info.base["schedule"]["epochs"]))
             self.records[trial.trial_id] = rec
-        rec.state, rec.started_at = "running", time.time()
-        tracker, tid = self._state["tracker"], trial.trial_id
-        if tracker is not None:
+        rec.state, rec.started_at = TrialState.RUNNING, time.time()
+        live, tid = self._state, trial.trial_id
+        if live.tracker is not None:
             def start() -> None:
-                earlier = self._state["runs"].get(tid) or rec.mlflow_run_id
-                rec.mlflow_run_id, self._state["logged"][tid] = tracker.start_trial(
+                earlier = live.runs.get(tid) or rec.mlflow_run_id
+                rec.mlflow_run_id, live.logged[tid] = live.tracker.start_trial(
                     tid, f"trial-{rec.number:03d}", self._run_params(rec.params), self.info.name,
                     existing=earlier or None)
-                self._state["runs"][tid] = rec.mlflow_run_id
+                live.runs[tid] = rec.mlflow_run_id
             self._send(start)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
@@ -118,38 +131,24 @@ class StudyCallback(Callback):
         rec = self.records.get(trial.trial_id)
         if rec is None:
             return
-        rec.epoch = int(result.get("epoch", rec.epoch))
-        rec.epochs = int(result.get("epochs", rec.epochs))
-        rec.started_at = float(result.get("started_at", rec.started_at))
-        rec.train_seconds = sum_seconds(rec, result)
-        rec.metrics = {k: float(v) for k, v in result.items() if _is_metric(k, v)}
-        if "objective" in rec.metrics:
-            rec.curve[rec.epoch] = rec.metrics["objective"]
+        report = rec.report = TrialReport.from_ray(result)
+        # training time of the current attempt: epoch times add up; epoch 1 starts a new attempt
+        rec.train_seconds = (rec.train_seconds if report.epoch > 1 else 0.0) + report.epoch_seconds
+        rec.epoch, rec.epochs, rec.started_at = report.epoch, report.epochs, report.started_at
         rec.ended_at = time.time()
-        epoch_metrics = {k: rec.metrics[k] for k in EPOCH_KEYS if k in rec.metrics}
-        epoch_metrics.update({k: v for k, v in rec.metrics.items() if k.startswith("frac_")})
-        tracker, tid, epoch = self._state["tracker"], trial.trial_id, rec.epoch
-        if tracker is not None:
+        rec.curve[rec.epoch] = report.objective
+        live, tid = self._state, trial.trial_id
+        if live.tracker is not None:
             def log() -> None:  # runs now, or later from the outbox: reads the run id then
-                if rec.mlflow_run_id and epoch > self._state["logged"].get(tid, 0):
-                    tracker.log_run(rec.mlflow_run_id, metrics=epoch_metrics, step=epoch)
-                    self._state["logged"][tid] = epoch
+                if rec.mlflow_run_id and report.epoch > live.logged.get(tid, 0):
+                    live.tracker.log_run(rec.mlflow_run_id, metrics=report.logged(), step=report.epoch)
+                    live.logged[tid] = report.epoch
             self._send(log)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         """Called by Ray when a trial ends without an error: finished, diverged, or ASHA-stopped."""
-        rec = self.records.get(trial.trial_id)
-        if rec is None:
-            return
-        last = trial.last_result or {}
-        rec.state = "diverged" if last.get("diverged", 0) >= 0.5 else "pruned" if is_pruned(last) else "complete"
-        rec.ended_at = time.time()
-        checkpoint = trial.checkpoint
-        rec.checkpoint = checkpoint.path if checkpoint is not None else ""
-        tracker = self._state["tracker"]
-        if tracker is not None:
-            self._send(lambda: self._log_final(tracker, rec, checkpoint))
-        self._finished(rec)
+        last = trial.last_result
+        self.finished(trial, TrialReport.from_ray(last).final_state if last else TrialState.COMPLETE)
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
         """Called by Ray when a trial raised and will be retried (FailureConfig.max_failures)."""
@@ -160,30 +159,34 @@ class StudyCallback(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         """Called by Ray when a trial raised and has no retries left: recorded failed."""
+        self.finished(trial, TrialState.FAILED)
+
+    def finished(self, trial, state: TrialState) -> None:
+        """A trial ended, in a terminal ``state``: its record, its MLflow run (closed with its final
+        files, or its error), the table and the view."""
         rec = self.records.get(trial.trial_id)
         if rec is None:
             return
-        rec.state, rec.error, rec.ended_at = "failed", _error_text(trial), time.time()
-        rec.log = self._keep_log(trial, rec.number)
-        rec.failures += 1
-        tracker = self._state["tracker"]
+        rec.state, rec.ended_at, checkpoint = state, time.time(), None
+        if state == TrialState.FAILED:
+            rec.error, rec.log = _error_text(trial), self._keep_log(trial, rec.number)
+            rec.failures += 1
+        else:
+            checkpoint = trial.checkpoint
+            rec.checkpoint = checkpoint.path if checkpoint is not None else ""
+        tracker = self._state.tracker
         if tracker is not None:
-            self._send(lambda: rec.mlflow_run_id and (
-                tracker.log_run(rec.mlflow_run_id, tags={"state": "failed", "error": rec.error[-4000:]}),
-                tracker.finish(rec.mlflow_run_id, "FAILED")))
-        self._finished(rec)
+            self._send(lambda: self._log_final(tracker, rec, checkpoint))
+        self._state.runs[rec.trial_id] = rec.mlflow_run_id
+        self.write_table()
+        if self._state.view:
+            self._state.view.finished(rec)
 
     # ------------------------------------------------------------ helpers
 
-    def _finished(self, rec: TrialRecord) -> None:
-        self._state["runs"][rec.trial_id] = rec.mlflow_run_id
-        self.write_table()
-        if self._state["view"]:
-            self._state["view"].finished(rec)
-
     def write_table(self) -> None:
         if self._state and self.records:
-            self._safe(lambda: write_table(list(self.records.values()), self._state["study"]))
+            self._safe(lambda: write_table(list(self.records.values()), self._state.study))
 
     def _keep_log(self, trial, number: int) -> str:
         """Copy a failed trial's output into ``<study>/logs/`` (Ray's session folder is temporary);
@@ -193,7 +196,7 @@ class StudyCallback(Callback):
             return ""
         if not (folder / LOG_FILES[1]).is_file():
             return f"{folder / LOG_FILES[1]} (on node {getattr(trial, 'node_ip', None) or '?'})"
-        logs = self._state["study"].local / "logs"
+        logs = self._state.study.local / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         for name in LOG_FILES:
             if (folder / name).is_file():
@@ -210,10 +213,11 @@ class StudyCallback(Callback):
     def _log_final(self, tracker: Tracker, rec: TrialRecord, checkpoint) -> None:
         if not rec.mlflow_run_id:
             return
-        final = {k: v for k, v in rec.metrics.items() if k.startswith("test_")}
-        tracker.log_run(rec.mlflow_run_id, metrics=final, step=rec.epoch,
-                        tags={"state": rec.state, "feasible": bool(rec.metrics.get("feasible", 0) >= 0.5),
-                              "epochs_run": rec.epoch})
+        if rec.state == TrialState.FAILED:
+            tracker.log_run(rec.mlflow_run_id, tags={"state": rec.state, "error": rec.error[-4000:]})
+            return tracker.finish(rec.mlflow_run_id, "FAILED")
+        feasible = bool(rec.report and rec.report.feasible)
+        tracker.log_run(rec.mlflow_run_id, tags={"state": rec.state, "feasible": feasible, "epochs_run": rec.epoch})
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
                 tracker.log_files(rec.mlflow_run_id, [Path(folder) / f for f in FINAL_FILES])
@@ -223,7 +227,7 @@ class StudyCallback(Callback):
         """Do one MLflow write now, or queue it behind earlier ones that could not be done: while
         the tracking server is unreachable, trials keep training and their records wait here, in
         order, and go out when it answers again (see :meth:`_flush`)."""
-        outbox = self._state["outbox"]
+        outbox = self._state.outbox
         if not outbox:
             try:
                 fn()
@@ -236,12 +240,12 @@ class StudyCallback(Callback):
         """Send queued writes in order; stop at the first that fails (the server is still down).
         Tried at most every FLUSH_EVERY_S from Ray's loop, so a dead server costs little time; at
         the end of the study, for up to FINAL_WAIT_S."""
-        outbox = self._state["outbox"]
+        outbox = self._state.outbox
         deadline = time.time() + (FINAL_WAIT_S if final else 0.0)
-        if not outbox or (not final and time.time() - self._state["flushed_at"] < FLUSH_EVERY_S):
+        if not outbox or (not final and time.time() - self._state.flushed_at < FLUSH_EVERY_S):
             return
         while outbox:
-            self._state["flushed_at"] = time.time()
+            self._state.flushed_at = time.time()
             try:
                 outbox[0]()
                 outbox.popleft()
@@ -261,18 +265,6 @@ class StudyCallback(Callback):
         except Exception as exc:  # noqa: BLE001
             log.warning("tracking: %s: %s", type(exc).__name__, exc)
             return None
-
-
-def sum_seconds(rec: TrialRecord, result: dict) -> float:
-    """Training time of the current attempt: epoch times add up; epoch 1 starts a new attempt."""
-    secs = float(result.get("epoch_seconds", 0.0))
-    return secs if int(result.get("epoch", 1)) <= 1 else rec.train_seconds + secs
-
-
-def _is_metric(key: str, value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        and key not in ("started_at", "epochs", "epoch", "pid", "timestamp", "training_iteration",
-                        "time_this_iter_s", "time_total_s", "time_since_restore", "iterations_since_restore")
 
 
 def trial_log_folder(trial) -> Path | None:

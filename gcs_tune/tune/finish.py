@@ -16,9 +16,10 @@ from gcs_tune.config import ObjectiveConfig
 from gcs_tune.objective import resolve_floor
 from gcs_tune.tune.plots import make_plots
 from gcs_tune.tune.report import write_report
-from gcs_tune.tune.results import TABLE, TERMINAL, Winner, describe_trial, read_table, select_winner
+from gcs_tune.tune.results import TABLE, Winner, describe_trial, read_table, select_winner
 from gcs_tune.tune.study import StudyDir, StudyInfo
 from gcs_tune.tune.tracking import Tracker, flatten, is_server_uri
+from gcs_tune.tune.trial import TERMINAL, TrialReport, TrialState
 
 console = Console(soft_wrap=True)  # long lines (paths, commands) must stay copyable
 
@@ -42,20 +43,18 @@ def mlflow_ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
-def log_reference(tracker: Tracker, info: StudyInfo, epochs: list[dict[str, float]]) -> dict[str, Any]:
+def log_reference(tracker: Tracker, info: StudyInfo, epochs: list[TrialReport]) -> dict[str, Any]:
     """The CoOp reference as its own run (role=reference), linked to the study's parent run."""
     last = epochs[-1]
     run_id = tracker.side_run("reference", "coop-reference", info.name)
     tracker.log_run(run_id, params={**flatten(info.base), "method.name": "coop", "objective.floor": "none"})
     for m in epochs:
-        tracker.log_run(run_id, metrics={k: v for k, v in m.items() if k not in ("epochs", "started_at", "epoch")},
-                        step=int(m["epoch"]))
-    diverged = last.get("diverged", 0.0) >= 0.5
-    tracker.log_run(run_id, tags={"diverged": diverged})
-    tracker.finish(run_id, "FAILED" if diverged else "FINISHED")
+        tracker.log_run(run_id, metrics=m.logged(), step=m.epoch)
+    tracker.log_run(run_id, tags={"diverged": last.diverged})
+    tracker.finish(run_id, "FAILED" if last.diverged else "FINISHED")
     tracker.log_run(tracker.parent_id, tags={"gcs_tune.reference_run_id": run_id})
-    return {"run_id": run_id, "base_acc": last["base_acc"], "novel_acc": last["novel_acc"], "hm": last["hm"],
-            "epochs": int(last["epoch"]), "diverged": diverged}
+    return {"run_id": run_id, "base_acc": last.base_acc, "novel_acc": last.novel_acc, "hm": last.hm,
+            "epochs": last.epoch, "diverged": last.diverged}
 
 
 def finish_study(study: StudyDir, info: StudyInfo, started_at: float) -> Outcome:
@@ -136,7 +135,7 @@ def _print_summary(info, study, frame, winner, floor, interrupted, done, seconds
     default = frame[frame["is_default"]] if not frame.empty else frame
     if not default.empty:
         console.print(describe_trial("defaults (enqueued first)", default.iloc[0].to_dict()))
-    failed = frame[frame["state"] == "failed"] if not frame.empty else frame
+    failed = frame[frame["state"] == TrialState.FAILED] if not frame.empty else frame
     for row in failed.to_dict("records"):
         console.print(f"[red]trial {int(row['number'])} failed[/] ({str(row.get('error', '')).strip().splitlines()[-1:]}); "
                       f"its output: {row.get('log') or 'see the Ray session logs'}")

@@ -25,17 +25,19 @@ import matplotlib
 import optuna
 import pandas as pd
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import FrozenTrial, TrialState, create_trial
+from optuna.trial import FrozenTrial, create_trial, TrialState as OptunaState
 
 from gcs_tune.tune.plots import png_bytes
 from gcs_tune.tune.results import trial_params
 from gcs_tune.tune.space import Param
 from gcs_tune.tune.study import StudyInfo
+from gcs_tune.tune.trial import TrialState
 
 OPTUNA_DB = "optuna.db"
 CONSTRAINT = "base_floor"  # points of base accuracy below the floor; <= 0 is feasible (the searcher's too)
-STATES = {"complete": TrialState.COMPLETE, "diverged": TrialState.COMPLETE, "pruned": TrialState.PRUNED,
-          "failed": TrialState.FAIL, "running": TrialState.RUNNING}  # diverged: told COMPLETE at a worst value
+STATES = {TrialState.COMPLETE: OptunaState.COMPLETE, TrialState.PRUNED: OptunaState.PRUNED,
+          TrialState.DIVERGED: OptunaState.COMPLETE,  # told COMPLETE at a worst value
+          TrialState.FAILED: OptunaState.FAIL, TrialState.RUNNING: OptunaState.RUNNING}
 
 
 def dashboard_command(study_folder: Path) -> str:
@@ -64,15 +66,15 @@ def distributions(params: dict[str, dict[str, Any]]) -> dict[str, BaseDistributi
 
 def frozen_trial(row: dict[str, Any], dists: dict[str, BaseDistribution]) -> FrozenTrial:
     """One row of trials.parquet as the trial Optuna was told about."""
-    state = STATES.get(row["state"], TrialState.FAIL)
+    state = STATES.get(row["state"], OptunaState.FAIL)
     curve = {int(e): float(v) for e, v in json.loads(row.get("curve_json") or "{}").items() if _finite(v)}
     value = None
-    if state == TrialState.COMPLETE:
+    if state == OptunaState.COMPLETE:
         value = float(row["objective"]) if _finite(row["objective"]) else None
-        state = state if value is not None else TrialState.FAIL
-    elif state == TrialState.PRUNED and curve:
+        state = state if value is not None else OptunaState.FAIL
+    elif state == OptunaState.PRUNED and curve:
         value = curve[max(curve)]  # what Optuna's tell(PRUNED) records: the last intermediate value
-    reported = state in (TrialState.COMPLETE, TrialState.PRUNED) and _finite(row.get("violation"))
+    reported = state in (OptunaState.COMPLETE, OptunaState.PRUNED) and _finite(row.get("violation"))
     params = trial_params(row)
     attrs = {k: float(row[k]) for k in ("hm", "base_acc", "novel_acc", "violation") if _finite(row.get(k))}
     attrs.update(ray_trial_id=str(row["trial_id"]), is_default=bool(row.get("is_default")), state=row["state"],
@@ -82,7 +84,7 @@ def frozen_trial(row: dict[str, Any], dists: dict[str, BaseDistribution]) -> Fro
                          constraints={CONSTRAINT: float(row["violation"])} if reported else None)
     start, end = (_when(row.get(k)) for k in ("started_at", "ended_at"))
     trial.datetime_start = start or end or trial.datetime_start
-    if state != TrialState.RUNNING:
+    if state != OptunaState.RUNNING:
         trial.datetime_complete = max(end or trial.datetime_start, trial.datetime_start)
     return trial
 

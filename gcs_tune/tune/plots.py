@@ -13,7 +13,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-STATE_COLOURS = {"complete": "tab:blue", "pruned": "tab:gray", "diverged": "tab:red", "failed": "black"}
+from gcs_tune.tune.trial import TrialState  # noqa: E402
+
+STATE_COLOURS = {TrialState.COMPLETE: "tab:blue", TrialState.PRUNED: "tab:gray", TrialState.DIVERGED: "tab:red",
+                 TrialState.FAILED: "black"}
 
 
 def make_plots(frame: pd.DataFrame, folder: Path, floor: float | None) -> list[Path]:
@@ -33,7 +36,8 @@ def finished(frame: pd.DataFrame) -> pd.DataFrame:
     """The trials that reported numbers (complete, pruned, diverged), by trial number."""
     if frame.empty:
         return frame
-    return frame[frame["state"].isin(["complete", "pruned", "diverged"])].sort_values("number")
+    reported = frame["state"].isin([TrialState.COMPLETE, TrialState.PRUNED, TrialState.DIVERGED])
+    return frame[reported].sort_values("number")
 
 
 def _base_novel(done: pd.DataFrame, folder: Path, floor: float | None) -> Path:

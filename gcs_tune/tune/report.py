@@ -25,6 +25,7 @@ from gcs_tune.tune.optuna_study import OPTUNA_DB, dashboard_command, optuna_figu
 from gcs_tune.tune.plots import base_novel_figure, finished, png_bytes
 from gcs_tune.tune.results import rank, read_table, select_winner, trial_params
 from gcs_tune.tune.study import STUDY_FILE, StudyDir, StudyInfo
+from gcs_tune.tune.trial import TrialState
 
 REPORT, COMPARE_FILE = "report.html", "compare.yaml"
 TOP = 10  # rows of the top-trials table
@@ -132,8 +133,8 @@ def _top_trials(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "<p class='note'>no trials recorded</p>"
     rows = frame.to_dict("records")
-    done = sorted((r for r in rows if r["state"] == "complete"), key=lambda r: rank(r, r["number"]))
-    rest = sorted((r for r in rows if r["state"] != "complete"),
+    done = sorted((r for r in rows if r["state"] == TrialState.COMPLETE), key=lambda r: rank(r, r["number"]))
+    rest = sorted((r for r in rows if r["state"] != TrialState.COMPLETE),
                   key=lambda r: -r["objective"] if _finite(r["objective"]) else math.inf)
     top = (done + rest)[:TOP]
     header = ["trial", "state", "objective", "HM", "base", "novel", "violation", "epochs", "seconds", "values"]

@@ -1,8 +1,7 @@
 """The results table: one row per trial, written as Parquet beside the Ray results, and the rule
-that picks the winner. No Ray, no MLflow: ``gcs_tune.best`` reads studies with this alone.
-
-States: ``running``, ``complete`` (all epochs), ``pruned`` (stopped early by the scheduler),
-``diverged`` (loss went NaN/inf: finite worst objective), ``failed`` (raised, retries exhausted).
+that picks the winner. No Ray, no MLflow: ``gcs_tune.best`` reads studies with this alone. A
+row's state is a :class:`TrialState`, its numbers the ``TABLE_COLUMNS`` of its last
+:class:`TrialReport`.
 """
 from __future__ import annotations
 
@@ -19,11 +18,9 @@ import pyarrow.parquet as pq
 from rich.markup import escape
 
 from gcs_tune.tune.study import StudyDir
+from gcs_tune.tune.trial import TABLE_COLUMNS, TERMINAL, TrialReport, TrialState  # noqa: F401 -- TERMINAL: re-exported
 
 TABLE = "trials.parquet"
-FINAL_KEYS = ("base_acc", "novel_acc", "hm", "objective", "feasible", "violation", "base_acc_se", "novel_acc_se",
-              "hm_seed_std", "test_base_acc", "test_novel_acc", "test_hm")
-TERMINAL = ("complete", "pruned", "diverged", "failed")
 
 
 @dataclass
@@ -31,11 +28,11 @@ class TrialRecord:
     trial_id: str
     number: int  # order of creation in the study (0 = the enqueued defaults)
     params: dict[str, Any]
-    state: str = "running"
+    state: TrialState = TrialState.RUNNING
     is_default: bool = False
     epoch: int = 0  # epochs reported
     epochs: int = 0  # epochs planned
-    metrics: dict[str, float] = field(default_factory=dict)  # last reported values
+    report: TrialReport | None = None  # the last one
     curve: dict[int, float] = field(default_factory=dict)  # epoch -> validation objective (Optuna's intermediate values)
     started_at: float = math.nan  # unix time the trial's last attempt started training
     ended_at: float = math.nan
@@ -47,12 +44,13 @@ class TrialRecord:
     checkpoint: str = ""
 
     def row(self) -> dict[str, Any]:
-        row = {k: v for k, v in asdict(self).items() if k not in ("params", "metrics", "curve")}
+        row = {k: v for k, v in asdict(self).items() if k not in ("params", "report", "curve")}
         row["duration_s"] = self.ended_at - self.started_at
         row["params_json"] = json.dumps(self.params, sort_keys=True)  # exact values, None included
         row["curve_json"] = json.dumps({str(e): v for e, v in sorted(self.curve.items())})
         row.update({f"param.{k}": v for k, v in self.params.items()})
-        row.update({k: self.metrics.get(k, math.nan) for k in FINAL_KEYS})
+        numbers = self.report.to_ray() if self.report else {}
+        row.update({k: numbers.get(k, math.nan) for k in TABLE_COLUMNS})
         return row
 
 
@@ -79,13 +77,14 @@ def records_from_table(study: StudyDir) -> dict[str, TrialRecord]:
     out: dict[str, TrialRecord] = {}
     for row in frame.to_dict("records"):
         params = trial_params(row)
-        metrics = {k: row[k] for k in FINAL_KEYS if k in row and not _missing(row[k])}
+        numbers = {k: row[k] for k in TABLE_COLUMNS if k in row and not _missing(row[k])}
         rec = TrialRecord(trial_id=row["trial_id"], number=int(row["number"]), params=params)
         for name in ("state", "is_default", "epoch", "epochs", "started_at", "ended_at", "train_seconds",
                      "failures", "error", "log", "mlflow_run_id", "checkpoint"):
             if name in row:
                 setattr(rec, name, _plain(row[name]))
-        rec.metrics = metrics
+        rec.state = TrialState(rec.state)
+        rec.report = TrialReport.from_ray(numbers) if numbers else None
         rec.curve = {int(e): v for e, v in json.loads(row.get("curve_json") or "{}").items()}
         out[rec.trial_id] = rec
     return out
@@ -126,7 +125,7 @@ def rank(metrics: dict[str, Any], number: int) -> tuple:
 def select_winner(frame: pd.DataFrame) -> Winner | None:
     """The best trial by :func:`rank`. Only trials that ran all their epochs compete: a pruned
     trial's numbers are from an earlier epoch, a diverged or failed one has none."""
-    done = frame[frame["state"] == "complete"].to_dict("records") if not frame.empty else []
+    done = frame[frame["state"] == TrialState.COMPLETE].to_dict("records") if not frame.empty else []
     if not done:
         return None
     best = min(done, key=lambda row: rank(row, row["number"]))
@@ -135,8 +134,8 @@ def select_winner(frame: pd.DataFrame) -> Winner | None:
 
 def best_so_far(records: list[TrialRecord]) -> TrialRecord | None:
     """The live view's leader by the same rule, over finished trials."""
-    done = [r for r in records if r.state == "complete"]
-    return min(done, key=lambda r: rank(r.metrics, r.number)) if done else None
+    done = [r for r in records if r.state == TrialState.COMPLETE and r.report]
+    return min(done, key=lambda r: rank(r.report.to_ray(), r.number)) if done else None
 
 
 def describe_trial(label: str, row: dict) -> str:

@@ -28,15 +28,9 @@ from ray.tune.search.optuna import OptunaSearch
 
 from gcs_tune.tune.optuna_study import CONSTRAINT
 from gcs_tune.tune.space import Space, SpaceFile
+from gcs_tune.tune.trial import TrialReport
 
 log = logging.getLogger(__name__)
-
-
-def is_pruned(result: dict | None) -> bool:
-    """A trial that stopped before its last epoch without diverging: the scheduler stopped it."""
-    if not result or result.get("diverged", 0.0) >= 0.5:
-        return False
-    return int(result.get("epoch", 0)) < int(result.get("epochs", 0))
 
 
 class ConstrainedOptunaSearch(OptunaSearch):
@@ -58,7 +52,7 @@ class ConstrainedOptunaSearch(OptunaSearch):
         it has none); steps Optuna already has are skipped rather than reported twice."""
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        step = TrialReport.from_ray(result).epoch
         seen = self.__dict__.setdefault("_steps", {}).setdefault(trial_id, set())
         if step not in seen:
             seen.add(step)
@@ -70,8 +64,9 @@ class ConstrainedOptunaSearch(OptunaSearch):
             return super().on_trial_complete(trial_id, result, error)
         ot_trial = self._ot_trials[trial_id]
         if result and not error and self.metric in result:
-            ot_trial.set_constraint(CONSTRAINT, float(result.get("violation", 0.0)))
-            if is_pruned(result):
+            report = TrialReport.from_ray(result)
+            ot_trial.set_constraint(CONSTRAINT, report.violation)
+            if report.pruned:
                 self._tell(ot_trial, None, TrialState.PRUNED)
                 self._completed_trials.add(trial_id)
                 self._write_summary()

@@ -17,6 +17,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # research clusters a
 # The client's own retries (7, doubling from 2 s) would hold Ray's driver loop, and with it every
 # trial's next report, for minutes while a server is down; the study callback queues what fails
 # and sends it when the server answers again, so one call gives up after a few seconds.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a line per run would bury the live view
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
@@ -124,6 +125,15 @@ class Tracker:
         runs = self.client.search_runs([self.experiment_id], f"tags.`{TAG_PARENT}` = '{self.parent_id}'",
                                        max_results=50000)
         return {r.data.tags.get(TAG_TRIAL, ""): r.info.run_id for r in runs}
+
+    def remove_orphans(self, trial_ids: set[str]) -> int:
+        """Delete the child runs of trials the study does not have: a driver killed with SIGKILL
+        may have started a trial after Ray's last snapshot of the experiment, and ``--resume``
+        never sees that trial again (its searcher suggests a new one in its place)."""
+        orphans = [run_id for tid, run_id in self.trial_runs().items() if tid not in trial_ids]
+        for run_id in orphans:
+            self.client.delete_run(run_id)
+        return len(orphans)
 
     def start_trial(self, trial_id: str, run_name: str, params: dict[str, Any], study: str,
                     existing: str | None = None) -> tuple[str, int]:

@@ -18,6 +18,7 @@ from gcs_tune.stats import Difference, Summary, paired_difference, summary
 from gcs_tune.tune.jobs import Job, run_jobs
 from gcs_tune.tune.results import rank, trial_params
 from gcs_tune.tune.study import StudyDir, StudyInfo
+from gcs_tune.tune.trial import TrialState
 
 
 def trial_config(info: StudyInfo, params: dict[str, Any]) -> RunConfig:
@@ -53,8 +54,8 @@ def finalist_rows(frame: pd.DataFrame, k: int) -> list[dict[str, Any]]:
     """The top ``k`` complete trials by the winner rule, plus the defaults' trial if it is not one
     -- even when the scheduler stopped it early: then it is re-run on the search's seed as well."""
     records = frame.to_dict("records") if not frame.empty else []
-    top = sorted((r for r in records if r["state"] == "complete"), key=lambda r: rank(r, r["number"]))[:k]
-    default = [r for r in records if r.get("is_default") and r["state"] in ("complete", "pruned")]
+    top = sorted((r for r in records if r["state"] == TrialState.COMPLETE), key=lambda r: rank(r, r["number"]))[:k]
+    default = [r for r in records if r.get("is_default") and r["state"] in (TrialState.COMPLETE, TrialState.PRUNED)]
     if default and all(r["number"] != default[0]["number"] for r in top):
         top.append(default[0])
     return top
@@ -62,7 +63,7 @@ def finalist_rows(frame: pd.DataFrame, k: int) -> list[dict[str, Any]]:
 
 def _stopped_early(row: dict[str, Any]) -> bool:
     """A finalist whose search run did not reach the last epoch: its own seed is re-run too."""
-    return row["state"] != "complete"
+    return row["state"] != TrialState.COMPLETE
 
 
 def extra_seeds(info: StudyInfo, n: int) -> list[int]:

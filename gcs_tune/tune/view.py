@@ -11,6 +11,9 @@ from rich.table import Table
 from rich.text import Text
 
 from gcs_tune.tune.results import TrialRecord, best_so_far
+from gcs_tune.tune.trial import TERMINAL, TrialReport, TrialState
+
+_NONE = TrialReport(hm=0.0, base_acc=0.0, novel_acc=0.0)  # shown for a trial that has not reported yet
 
 
 def _fmt_params(params: dict, width: int = 60) -> str:
@@ -52,9 +55,9 @@ class LiveView:
         """One line per finished trial when there is no live display (logs, CI)."""
         if self.live is not None:
             return
-        m = rec.metrics
-        what = (f"HM {m.get('hm', 0):5.1f} (base {m.get('base_acc', 0):5.1f} / novel {m.get('novel_acc', 0):5.1f})"
-                f" {'feasible' if m.get('feasible', 0) >= 0.5 else 'below floor'}") if rec.state != "failed" \
+        m = rec.report or _NONE
+        what = (f"HM {m.hm:5.1f} (base {m.base_acc:5.1f} / novel {m.novel_acc:5.1f})"
+                f" {'feasible' if m.feasible else 'below floor'}") if rec.state != TrialState.FAILED \
             else f"{rec.error.strip().splitlines()[-1][:80] if rec.error.strip() else 'error'} (output: {rec.log})"
         self.console.print(f"[{_elapsed(time.time() - self.start_time)}] trial {rec.number:>3} {rec.state:<8} "
                            f"epoch {rec.epoch}/{rec.epochs}  {what}  {_fmt_params(rec.params)}", highlight=False,
@@ -67,27 +70,27 @@ class LiveView:
             self.live = None
 
     def render(self, records: list[TrialRecord]) -> Group:
-        counts = {s: sum(r.state == s for r in records) for s in ("running", "complete", "pruned", "diverged", "failed")}
-        done = sum(counts[s] for s in ("complete", "pruned", "diverged", "failed"))
+        counts = {s: sum(r.state == s for r in records) for s in TrialState}
+        done = sum(counts[s] for s in TERMINAL)
         head = Text.assemble((f"study {self.name}", "bold"), f"   elapsed {_elapsed(time.time() - self.start_time)}   ",
-                             f"{done}/{self.planned} done: {counts['complete']} complete, {counts['pruned']} pruned, "
-                             f"{counts['diverged']} diverged, {counts['failed']} failed; {counts['running']} running")
+                             f"{done}/{self.planned} done: " + ", ".join(f"{counts[s]} {s}" for s in TERMINAL)
+                             + f"; {counts[TrialState.RUNNING]} running")
         best = best_so_far(records)
         if best is None:
             lead = Text("best: none yet")
         else:
-            m = best.metrics
-            tag = "feasible" if m.get("feasible", 0) >= 0.5 else "NONE FEASIBLE YET, least violation"
-            lead = Text(f"best HM {m.get('hm', 0):.2f} (base {m.get('base_acc', 0):.2f}, novel "
-                        f"{m.get('novel_acc', 0):.2f}) trial {best.number} [{tag}]  {_fmt_params(best.params, 80)}",
+            m = best.report
+            tag = "feasible" if m.feasible else "NONE FEASIBLE YET, least violation"
+            lead = Text(f"best HM {m.hm:.2f} (base {m.base_acc:.2f}, novel "
+                        f"{m.novel_acc:.2f}) trial {best.number} [{tag}]  {_fmt_params(best.params, 80)}",
                         style="green")
         table = Table(box=None, pad_edge=False, show_edge=False)
         for col in ("trial", "state", "epoch", "HM", "base", "novel", "params"):
             table.add_column(col, justify="left" if col in ("state", "params") else "right")
-        shown = [r for r in records if r.state == "running"] + \
-            sorted((r for r in records if r.state != "running"), key=lambda r: -r.ended_at)[:5]
+        shown = [r for r in records if r.state == TrialState.RUNNING] + \
+            sorted((r for r in records if r.state != TrialState.RUNNING), key=lambda r: -r.ended_at)[:5]
         for r in shown:
-            m = r.metrics
-            table.add_row(str(r.number), r.state, f"{r.epoch}/{r.epochs}", f"{m.get('hm', 0):.1f}",
-                          f"{m.get('base_acc', 0):.1f}", f"{m.get('novel_acc', 0):.1f}", _fmt_params(r.params))
+            m = r.report or _NONE
+            table.add_row(str(r.number), r.state, f"{r.epoch}/{r.epochs}", f"{m.hm:.1f}",
+                          f"{m.base_acc:.1f}", f"{m.novel_acc:.1f}", _fmt_params(r.params))
         return Group(head, lead, table)
