@@ -43,7 +43,7 @@ def new_state(args: argparse.Namespace, folder: Path):
     """A new comparison's settings from the command line, every space checked before anything runs."""
     from gcs_tune.best import parse_seeds
     from gcs_tune.tune.comparison import ComparisonState
-    from gcs_tune.tune.space import load_space
+    from gcs_tune.tune.validate import load_space
 
     if not args.spaces:
         raise ConfigError("--spaces FILE [FILE ...] is required (or --resume --name NAME)")

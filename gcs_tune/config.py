@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gcs_tune.methods.table import METHODS
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used. The CLIs turn it into one line and exit status 2."""
@@ -147,8 +149,6 @@ class MethodConfig(_Section):
     def _check(self) -> "MethodConfig":
         if self.beta2 < self.beta1:
             raise ValueError(f"beta2 ({self.beta2}) must be >= beta1 ({self.beta1})")
-        from gcs_tune.methods.table import METHODS  # late: the table imports this module
-
         if self.name not in METHODS:
             raise ValueError(f"unknown method {self.name!r}; known: {', '.join(sorted(METHODS))}")
         if self.subspace_rank > self.subspace_epochs:

@@ -27,7 +27,8 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from gcs_tune import search  # noqa: E402
 from gcs_tune.engine import fit  # noqa: E402
 from gcs_tune.tune.results import TERMINAL, read_table, trial_params  # noqa: E402
-from gcs_tune.tune.space import apply_values, load_space  # noqa: E402
+from gcs_tune.tune.space import apply_values  # noqa: E402
+from gcs_tune.tune.validate import load_space  # noqa: E402
 from gcs_tune.tune.study import StudyDir, StudyInfo  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -93,6 +94,7 @@ def two_nodes():
 
 def space_file(tmp_path, fast_space):
     return fast_space(tmp_path, trials=TRIALS, objective={"floor": "zero_shot", "tolerance": 5.0},
+                      resources={"cpus_per_trial": 1, "max_concurrent": 2},  # a trial on each node
                       base={"backbone": {"model": "lab"},
                             "data": {"dataset": "lab", "shots": 8, "views": 1, "lab_test_per_class": 4,
                                      "cache_dir": str(tmp_path / "cache")},
@@ -114,9 +116,10 @@ def watch(study: StudyDir, stop: threading.Event, when, act) -> threading.Thread
 
 
 def checkpointed(study: StudyDir) -> bool:
-    """Some trial has saved a per-epoch checkpoint and none has finished: trials are mid-run."""
+    """Two trials -- one per node -- have saved a per-epoch checkpoint and none has finished: the
+    trials on both nodes are mid-run."""
     done = (study.local / "trials.parquet").exists() and read_table(study)["state"].isin(TERMINAL).any()
-    return not done and any(study.local.glob("trial_*/checkpoint_*"))
+    return not done and len({p.parent for p in study.local.glob("trial_*/checkpoint_*")}) >= 2
 
 
 def run_study(tmp_path, fast_space, address, tracking, name, fault) -> StudyDir:
@@ -161,7 +164,7 @@ def test_a_trial_on_a_removed_node_continues_elsewhere_from_its_checkpoint(two_n
     space = load_space(study.local / "space.yaml", {"objective.floor": "zero_shot"})
     info = StudyInfo.load(study)
     for row in frame.to_dict("records"):  # each equals an uninterrupted run of its config and seed
-        cfg = apply_values(space.params, info.base_config(), trial_params(row)).replace(**{"backbone.device": "cpu"})
+        cfg = apply_values(space.keys(), info.base_config(), trial_params(row)).replace(**{"backbone.device": "cpu"})
         last = list(fit(cfg))[-1]
         assert row["base_acc"] == pytest.approx(last.val.base, abs=1e-6)
         assert row["novel_acc"] == pytest.approx(last.val.novel, abs=1e-6)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from gcs_tune.tune.space import load_space
+from gcs_tune.tune.validate import load_space
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 

@@ -77,6 +77,9 @@ def test_parquet_has_a_row_per_trial(study):
     assert frame["test_hm"].isna().all()  # never measured during a pseudo_novel search
     optuna_view = yaml.safe_load((study.local / "optuna.yaml").read_text())
     assert optuna_view["states"] == {"complete": 4}
+    if optuna_view["best"]:  # Optuna's trial numbers are the study's: its best is the row of that number
+        row = frame.set_index("number").loc[optuna_view["best"]["number"]]
+        assert json.loads(row["params_json"]) == pytest.approx(optuna_view["best"]["params"])
 
 
 def test_diverging_and_raising_trials_are_recorded(ray_cluster, tmp_path, fast_space):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from gcs_tune.config import ConfigError
-from gcs_tune.tune.space import load_space
+from gcs_tune.tune.validate import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = ROOT / "search_spaces"

@@ -16,7 +16,7 @@ from gcs_tune.data.types import DatasetSplits, ImageSet
 from gcs_tune.engine import Accuracy, fit, standard_error
 from gcs_tune.prepare import prepare
 from gcs_tune.stats import paired_difference
-from gcs_tune.tune.space import load_space
+from gcs_tune.tune.validate import load_space
 from gcs_tune.tune.trainable import TrialSetup, run_reference, seed_mean, trial_config
 from gcs_tune.tune.trial import TrialReport
 from gcs_tune.tune.verdict import Finalist, choose, finalist_rows, lead_over_defaults

@@ -14,7 +14,8 @@ from optuna.distributions import FloatDistribution
 from optuna.search_space import intersection_search_space
 
 from gcs_tune.tune.searcher import concurrency_cap, default_concurrency, startup_trials, tpe_sampler
-from gcs_tune.tune.space import Param, SpaceSampler, load_space
+from gcs_tune.tune.space import Param, SpaceSampler
+from gcs_tune.tune.validate import load_space
 
 # (0.2, 0.9): u = 0.7 / 0.8 = 0.8749999999999999 and 0.2 + u * 0.8 = 0.8999999999999999, not 0.9
 DEFAULTS = {"rho": 0.1, "beta1": 0.2, "beta2": 0.9, "lr": 0.002}

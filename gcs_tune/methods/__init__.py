@@ -1,5 +1,4 @@
 """Step rules, loss terms and the methods table that composes them."""
-from gcs_tune.methods.steps import GCSAMStep, SAMStep, SGDStep
-from gcs_tune.methods.table import METHODS, Method
+from gcs_tune.methods.table import METHODS, Method  # torch-free: the config imports it
 
-__all__ = ["GCSAMStep", "SAMStep", "SGDStep", "METHODS", "Method"]
+__all__ = ["METHODS", "Method"]

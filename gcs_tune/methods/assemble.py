@@ -14,7 +14,8 @@ from gcs_tune.methods import caspl
 from gcs_tune.methods.loop import Extras, Run
 from gcs_tune.methods.losses import NEEDS
 from gcs_tune.methods.sources import CachedImages, TowerImages
-from gcs_tune.methods.table import AVERAGING, METHODS, PROMPTERS, STEP_RULES, PromptContext
+from gcs_tune.methods.parts import AVERAGING, PROMPTERS, STEP_RULES, PromptContext
+from gcs_tune.methods.table import METHODS
 from gcs_tune.methods.templates import ensemble_templates, ensemble_text
 from gcs_tune.model.backbone import Backbone
 from gcs_tune.model.deep import PromptedImageEncoder

@@ -26,7 +26,7 @@ from gcs_tune.config import BackboneConfig, RunConfig
 from gcs_tune.data.cache import ids_digest
 from gcs_tune.methods.loop import Run, train_epoch
 from gcs_tune.methods.steps import SGDStep
-from gcs_tune.methods.table import PROMPTERS, PromptContext
+from gcs_tune.methods.parts import PROMPTERS, PromptContext
 from gcs_tune.model.backbone import PACKAGE_DIR, Backbone, BackboneError, load_backbone
 from gcs_tune.model.deep import PromptedImageEncoder
 from gcs_tune.model.precision import autocast

@@ -1,4 +1,5 @@
-"""Search spaces as YAML: load, validate (before Ray starts), and sample through Optuna.
+"""Search spaces as YAML: the file's schema and sampling through Optuna (loading and checking a
+file before Ray starts: ``gcs_tune.tune.validate.load_space``).
 
 A space file names the base run config, the parameters to search (each mapped onto a dotted run
 config key under a stable short name), the paper defaults enqueued as the first trial, the
@@ -23,17 +24,15 @@ A parameter whose bound names another one (``beta2`` above) is given to Optuna a
 multivariate TPE models it jointly with ``beta1``. Everything outside the searcher's own study --
 the trial configs, the results table, MLflow -- sees ``beta2`` itself.
 
-Every problem is a :class:`ConfigError` naming the file and the key (the CLI exits 2).
 """
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gcs_tune.config import ConfigError, ObjectiveConfig, RunConfig, _describe, build_config, read_yaml
+from gcs_tune.config import RunConfig
 
 Bound = Union[float, str]  # a number, or the short name of an earlier numeric parameter
 Scalar = Union[bool, int, float, str, None]
@@ -171,7 +170,7 @@ class Space:
 
     def apply(self, values: dict[str, Any]) -> RunConfig:
         """The run config of a trial: the base with the sampled ``values`` (inactive ones absent)."""
-        return apply_values(self.params, self.base, values)
+        return apply_values(self.keys(), self.base, values)
 
     def sampler(self) -> "SpaceSampler":
         return SpaceSampler(self.spec.params, self.spec.defaults)
@@ -240,9 +239,10 @@ def unit_name(name: str) -> str:
     return f"{name}_u"
 
 
-def apply_values(params: dict[str, Param], base: RunConfig, values: dict[str, Any]) -> RunConfig:
-    """``base`` with each searched value under its run config key."""
-    return base.replace(**{params[n].key: v for n, v in values.items() if n in params})
+def apply_values(keys: dict[str, str], base: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """``base`` with each searched value under its run config key (``keys``: short name -> dotted
+    key): the one place where searched values become a run config (validation, trials, verdict)."""
+    return base.replace(**{keys[n]: v for n, v in values.items() if n in keys})
 
 
 def _suggest(trial, name: str, p: Param, values: dict[str, Any]):
@@ -292,54 +292,3 @@ def _to_unit(p: Param, value: float, lo: float, hi: float) -> float:
     if p.type == "loguniform":
         lo, hi, value = math.log(lo), math.log(hi), math.log(value)
     return (value - lo) / (hi - lo) if hi > lo else 0.0
-
-
-# ---------------------------------------------------------------- loading and validation
-
-
-def load_space(path: str | Path, overrides: dict[str, Any] | None = None, trials: int | None = None) -> Space:
-    """Read and validate a space file; ``overrides`` (dotted run config keys) apply to the base."""
-    path = Path(path).expanduser().resolve()
-    tree = read_yaml(path)
-    try:
-        spec = SpaceFile.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, str(path))) from None
-    if trials is not None:
-        if trials < 1:
-            raise ConfigError(f"--trials must be at least 1, got {trials}")
-        spec = spec.model_copy(update={"trials": trials})
-    base, needs_reference = _base_config(spec, path, overrides or {})
-    from gcs_tune.tune.validate import check_params  # late: it needs this module's classes
-
-    check_params(spec, base, str(path))
-    return Space(spec, base, str(path), path.read_text(), needs_reference)
-
-
-def _base_config(spec: SpaceFile, path: Path, overrides: dict[str, Any]) -> tuple[RunConfig, bool]:
-    tree: dict[str, Any] = {}
-    if spec.base_config:
-        base_path = Path(spec.base_config).expanduser()
-        base_path = base_path if base_path.is_absolute() else path.parent / base_path
-        tree = read_yaml(base_path)
-    tree = _merge(tree, spec.base)
-    objective = {**tree.get("objective", {}), **spec.objective}
-    try:
-        ObjectiveConfig.model_validate({**objective, "value": objective.get("value", 0.0)})
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, f"{path}: objective")) from None
-    tree["objective"] = objective
-    overrides = dict(overrides)
-    floor = overrides.get("objective.floor", objective.get("floor"))
-    needs_reference = floor == "reference" and objective.get("value") is None \
-        and overrides.get("objective.value") is None
-    if needs_reference:
-        overrides["objective.value"] = 0.0  # placeholder: the CoOp reference run fills it in
-    return build_config(tree, overrides, source=f"{path}: base").for_search(), needs_reference
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out

@@ -3,12 +3,13 @@
 ``train_trial`` runs in a Ray worker process, once per trial attempt. It rebuilds the trial's run
 config from the base config and the sampled parameters, trains with ``fit`` (which reads the
 frozen image features from the on-disk cache the driver filled), and reports every epoch. Every
-report is a :class:`TrialReport` with a finite ``objective``, ``hm``, ``base_acc``, ``novel_acc`` and
-``violation`` -- a missing or NaN objective would abort the search or leave the Optuna trial
+report is a :class:`TrialReport` with a finite ``objective``, ``hm``, ``base_acc``, ``novel_acc``
+and ``violation`` -- a missing or NaN objective would abort the search or leave the Optuna trial
 stuck RUNNING. Reports carry checkpoints that Ray persists to the study's storage: before the
 last epoch the run's state (``state.pt``, one state per seed; at most every CHECKPOINT_EVERY_S),
-from which a retried or resumed trial continues at the next epoch; the last epoch's (or a divergence's) holds the learned prompt,
-the resolved config and the final metrics, for the driver to log.
+from which a retried or resumed trial continues at the next epoch; the last epoch's (or a
+divergence's) holds the learned prompt, the resolved config and the final metrics, for the
+driver to log.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from gcs_tune.config import RunConfig, build_config, dump_config
 from gcs_tune.engine import EpochResult, RunState, fit
 from gcs_tune.objective import score, worst
 from gcs_tune.prepare import Prepared, prepare
+from gcs_tune.tune.space import apply_values
 from gcs_tune.tune.trial import TrialReport
 
 if TYPE_CHECKING:  # Ray itself is imported where it is used, in train_trial
@@ -54,10 +56,8 @@ class TrialSetup:
 
 def trial_config(setup: TrialSetup, params: dict[str, Any]) -> RunConfig:
     """The run config of one trial: the base plus the sampled values under their config keys."""
-    overrides = {setup.keys[name]: value for name, value in params.items() if name in setup.keys}
-    if setup.device:
-        overrides["backbone.device"] = setup.device
-    return build_config(setup.base, overrides, source="<trial>")
+    base = build_config(setup.base, {"backbone.device": setup.device} if setup.device else {}, source="<trial>")
+    return apply_values(setup.keys, base, params)
 
 
 def epoch_metrics(res: EpochResult, cfg: RunConfig, started_at: float) -> TrialReport:

@@ -1,15 +1,64 @@
-"""Checks of a search space against the run config, before Ray starts: bounds that name other
-parameters (and the unit position Optuna samples for them), every end of every range (and their
-combinations) giving a valid run config, ``method.*`` parameters only for methods that have them,
-defaults inside the space."""
+"""Loading a search space file and checking it against the run config, before Ray starts: the
+file's schema (``SpaceFile``), then bounds that name other parameters (and the unit position
+Optuna samples for them), every end of every range (and their combinations) giving a valid run
+config, ``method.*`` parameters only for methods that have them, defaults inside the space."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
-from gcs_tune.config import ConfigError, RunConfig
+from pydantic import ValidationError
+
+from gcs_tune.config import ConfigError, ObjectiveConfig, RunConfig, _describe, build_config, read_yaml
 from gcs_tune.methods.table import METHODS
-from gcs_tune.tune.space import Param, SpaceFile, SpaceSampler, apply_values, unit_name
+from gcs_tune.tune.space import Param, Space, SpaceFile, SpaceSampler, apply_values, unit_name
+
+
+def load_space(path: str | Path, overrides: dict[str, Any] | None = None, trials: int | None = None) -> Space:
+    """Read and validate a space file; ``overrides`` (dotted run config keys) apply to the base."""
+    path = Path(path).expanduser().resolve()
+    tree = read_yaml(path)
+    try:
+        spec = SpaceFile.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, str(path))) from None
+    if trials is not None:
+        if trials < 1:
+            raise ConfigError(f"--trials must be at least 1, got {trials}")
+        spec = spec.model_copy(update={"trials": trials})
+    base, needs_reference = _base_config(spec, path, overrides or {})
+    check_params(spec, base, str(path))
+    return Space(spec, base, str(path), path.read_text(), needs_reference)
+
+
+def _base_config(spec: SpaceFile, path: Path, overrides: dict[str, Any]) -> tuple[RunConfig, bool]:
+    tree: dict[str, Any] = {}
+    if spec.base_config:
+        base_path = Path(spec.base_config).expanduser()
+        base_path = base_path if base_path.is_absolute() else path.parent / base_path
+        tree = read_yaml(base_path)
+    tree = _merge(tree, spec.base)
+    objective = {**tree.get("objective", {}), **spec.objective}
+    try:
+        ObjectiveConfig.model_validate({**objective, "value": objective.get("value", 0.0)})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, f"{path}: objective")) from None
+    tree["objective"] = objective
+    overrides = dict(overrides)
+    floor = overrides.get("objective.floor", objective.get("floor"))
+    needs_reference = floor == "reference" and objective.get("value") is None \
+        and overrides.get("objective.value") is None
+    if needs_reference:
+        overrides["objective.value"] = 0.0  # placeholder: the CoOp reference run fills it in
+    return build_config(tree, overrides, source=f"{path}: base").for_search(), needs_reference
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def check_params(spec: SpaceFile, base: RunConfig, source: str) -> None:
@@ -37,7 +86,7 @@ def check_params(spec: SpaceFile, base: RunConfig, source: str) -> None:
         seen.add(name)
     for label, values in _corners(spec):
         try:
-            apply_values(spec.params, base, values)
+            apply_values({n: p.key for n, p in spec.params.items()}, base, values)
         except ConfigError as exc:
             shown = ", ".join(f"{n}={v!r}" for n, v in values.items())
             reason = "; ".join(line.removeprefix("<replace>: ") for line in str(exc).splitlines())
@@ -106,7 +155,7 @@ def _check_defaults(spec: SpaceFile, base: RunConfig, source: str) -> None:
             sampled = sampler(FixedTrial(sampler.to_optuna(values)))
         for name, value in sampled.items():
             _check_in_range(name, spec.params[name], value, sampled)
-        apply_values(spec.params, base, sampled)
+        apply_values({n: p.key for n, p in spec.params.items()}, base, sampled)
     except (ValueError, KeyError) as exc:  # ConfigError is a ValueError
         raise ConfigError(f"{source}: defaults: {exc}") from None
 

@@ -17,6 +17,7 @@ from gcs_tune.runs import RunResult
 from gcs_tune.stats import Difference, Summary, paired_difference, summary
 from gcs_tune.tune.jobs import Job, run_jobs
 from gcs_tune.tune.results import rank, trial_params
+from gcs_tune.tune.space import apply_values
 from gcs_tune.tune.study import StudyDir, StudyInfo
 from gcs_tune.tune.trial import TrialState
 
@@ -24,7 +25,7 @@ from gcs_tune.tune.trial import TrialState
 def trial_config(info: StudyInfo, params: dict[str, Any]) -> RunConfig:
     """A trial's run config as the search trained it (its selection protocol, its seed)."""
     keys = {name: p["key"] for name, p in info.space["params"].items()}
-    return build_config(info.base, {keys[n]: v for n, v in params.items() if n in keys}, source=f"{info.name}: trial")
+    return apply_values(keys, build_config(info.base, source=f"{info.name}: trial"), params)
 
 
 def defaults_params(info: StudyInfo) -> dict[str, Any]:
