@@ -26,10 +26,11 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from gcs_tune import search  # noqa: E402
 from gcs_tune.engine import fit  # noqa: E402
-from gcs_tune.tune.results import TERMINAL, read_table, trial_params  # noqa: E402
+from gcs_tune.tune.results import read_table, trial_params  # noqa: E402
 from gcs_tune.tune.space import apply_values  # noqa: E402
 from gcs_tune.tune.validate import load_space  # noqa: E402
 from gcs_tune.tune.study import StudyDir, StudyInfo  # noqa: E402
+from gcs_tune.tune.trial import TERMINAL  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TRIALS, EPOCHS = 4, 8

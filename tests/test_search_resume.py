@@ -16,8 +16,9 @@ ray = pytest.importorskip("ray")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from gcs_tune import search  # noqa: E402
-from gcs_tune.tune.results import TERMINAL, read_table  # noqa: E402
+from gcs_tune.tune.results import read_table  # noqa: E402
 from gcs_tune.tune.study import StudyDir, StudyInfo  # noqa: E402
+from gcs_tune.tune.trial import TERMINAL  # noqa: E402
 
 TRIALS = 5
 

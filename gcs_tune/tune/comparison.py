@@ -20,7 +20,8 @@ from gcs_tune.tune.finish import console
 from gcs_tune.tune.jobs import Job, run_jobs
 from gcs_tune.tune.plots import comparison_plot
 from gcs_tune.tune.report import write_report
-from gcs_tune.tune.results import TERMINAL, read_table
+from gcs_tune.tune.results import read_table
+from gcs_tune.tune.trial import TERMINAL
 from gcs_tune.tune.runner import SearchOptions, run_search
 from gcs_tune.tune.study import StudyDir, StudyInfo
 from gcs_tune.tune.tracking import Tracker

@@ -25,7 +25,8 @@ import matplotlib
 import optuna
 import pandas as pd
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import FrozenTrial, create_trial, TrialState as OptunaState
+from optuna.trial import FrozenTrial, create_trial
+from optuna.trial import TrialState as OptunaState
 
 from gcs_tune.tune.plots import png_bytes
 from gcs_tune.tune.results import trial_params

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from rich.markup import escape
 
 from gcs_tune.tune.study import StudyDir
-from gcs_tune.tune.trial import TABLE_COLUMNS, TERMINAL, TrialReport, TrialState  # noqa: F401 -- TERMINAL: re-exported
+from gcs_tune.tune.trial import TABLE_COLUMNS, TrialReport, TrialState
 
 TABLE = "trials.parquet"
 

@@ -19,12 +19,12 @@ from gcs_tune.tune.callbacks import LOG_FILES, StudyCallback
 from gcs_tune.tune.finish import Outcome, console, finish_study, log_reference
 from gcs_tune.tune.searcher import build_searcher, concurrency_cap
 from gcs_tune.tune.space import Space, SpaceFile
-from gcs_tune.tune.validate import load_space
 from gcs_tune.tune.study import (LOCK_FILE, StudyDir, StudyInfo, absolute_paths, is_uri, latest_study,
                                  resolve_storage)
 from gcs_tune.tune.tracking import (TAG_PARENT, TAG_SELECTION, Tracker, absolute_tracking_uri, default_tracking_uri,
                                     is_server_uri)
 from gcs_tune.tune.trainable import TrialSetup, run_reference, train_trial
+from gcs_tune.tune.validate import load_space
 
 DEFAULT_STORAGE = "searches"
 

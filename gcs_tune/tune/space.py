@@ -152,6 +152,10 @@ class SpaceFile(_Model):
     # spread is larger than the effect being searched for. Costs that many trainings per trial.
     seeds_per_trial: int = Field(1, ge=1)
 
+    def keys(self) -> dict[str, str]:
+        """Short name -> dotted run config key."""
+        return {name: p.key for name, p in self.params.items()}
+
 
 class Space:
     """A validated space: the file's settings plus the resolved base :class:`RunConfig`."""
@@ -165,8 +169,7 @@ class Space:
         return self.spec.params
 
     def keys(self) -> dict[str, str]:
-        """Short name -> dotted run config key."""
-        return {name: p.key for name, p in self.params.items()}
+        return self.spec.keys()
 
     def apply(self, values: dict[str, Any]) -> RunConfig:
         """The run config of a trial: the base with the sampled ``values`` (inactive ones absent)."""

@@ -86,7 +86,7 @@ def check_params(spec: SpaceFile, base: RunConfig, source: str) -> None:
         seen.add(name)
     for label, values in _corners(spec):
         try:
-            apply_values({n: p.key for n, p in spec.params.items()}, base, values)
+            apply_values(spec.keys(), base, values)
         except ConfigError as exc:
             shown = ", ".join(f"{n}={v!r}" for n, v in values.items())
             reason = "; ".join(line.removeprefix("<replace>: ") for line in str(exc).splitlines())
@@ -155,7 +155,7 @@ def _check_defaults(spec: SpaceFile, base: RunConfig, source: str) -> None:
             sampled = sampler(FixedTrial(sampler.to_optuna(values)))
         for name, value in sampled.items():
             _check_in_range(name, spec.params[name], value, sampled)
-        apply_values({n: p.key for n, p in spec.params.items()}, base, sampled)
+        apply_values(spec.keys(), base, sampled)
     except (ValueError, KeyError) as exc:  # ConfigError is a ValueError
         raise ConfigError(f"{source}: defaults: {exc}") from None
 
