@@ -7,8 +7,9 @@
 The page (``<folder>/report.html`` unless ``--out``) is self-contained, images embedded: the winner
 against the paper defaults and the CoOp reference, the finalists and the test table when
 ``gcs_tune.best --export`` ran, the top trials, Optuna's plots and the base-against-novel plot; a
-comparison adds its table and one section per study. Each study is also written as
-``<study>/optuna.db`` (sqlite): ``optuna-dashboard sqlite:///<study>/optuna.db`` opens it.
+comparison adds its table and one section per study. Each study's Optuna storage
+(``<study>/optuna.db``, kept by the search while it runs) is brought in step with its table:
+``optuna-dashboard sqlite:///<study>/optuna.db`` opens it.
 Exit status: 0 written, 2 bad input (no such study or comparison).
 """
 from __future__ import annotations
@@ -66,11 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None and out.suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"--out {out}: the page is HTML (a .html path)")
     from gcs_tune.tune.report import dashboard_command, study_folders, write_report  # late: Optuna imports
+    from gcs_tune.tune.study import StudyDir, StudyInfo
 
     page = write_report(folder, out)
     console.print(f"report: {escape(str(page))}  (open file://{escape(str(page))})", soft_wrap=True)
     for study in study_folders(folder):  # optuna-dashboard is not a dependency: say how to get it
-        console.print(f"optuna-dashboard: [bold]{escape(dashboard_command(study))}[/]  "
+        info = StudyInfo.load(StudyDir(str(study.parent), study.name))
+        console.print(f"optuna-dashboard: [bold]{escape(dashboard_command(info, study))}[/]  "
                       "(pip install optuna-dashboard)", soft_wrap=True)
     return 0
 

@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no live view; one line per finished trial")
     p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard on loopback and print its address "
                    "(needs the dashboard extra: pip install -e '.[dashboard]')")
+    p.add_argument("--optuna-storage", default="", metavar="URL",
+                   help="the study's Optuna storage, an RDB URL (default: sqlite:///<study>/optuna.db)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="base run config overrides, e.g. data.root=/data")
     return p.parse_intermixed_args(argv)
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = SearchOptions(space=args.space, gpus=args.gpus, trials=args.trials, address=args.address,
                          storage=args.storage, tracking_uri=args.tracking_uri, name=args.name,
                          resume=args.resume, overrides=parse_overrides(args.overrides), live=not args.quiet,
-                         dashboard=args.dashboard,
+                         dashboard=args.dashboard, optuna_storage=args.optuna_storage,
                          progress=progress_bar(args.quiet))
     try:
         outcome = run_search(opts)

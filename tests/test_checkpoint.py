@@ -95,10 +95,15 @@ FAIL_AT, EPOCHS = 3, 5
 COMPARED = ("objective", "hm", "base_acc", "novel_acc", "violation", "feasible", "train_loss", "lr", "hm_seed_std")
 
 
-def test_a_failed_trial_is_retried_from_its_last_epoch(ray_cluster, tmp_path):
-    """One trial of two seeds raises right after reporting epoch 3 on its first attempt; Ray
-    retries it (max_failures=1) from that report's checkpoint: the retry reports epochs 4 and 5
-    only, with the numbers and the prompt of an uninterrupted trial."""
+@pytest.mark.parametrize("how", ["raises", "killed"])
+def test_a_failed_trial_is_retried_from_its_last_epoch(ray_cluster, tmp_path, how):
+    """One trial of two seeds fails right after reporting epoch 3 on its first attempt -- it raises,
+    or its process is SIGKILLed as the kernel's OOM killer does; Ray retries it (max_failures=1)
+    from that report's checkpoint: the retry reports epochs 4 and 5 only, with the numbers and the
+    prompt of an uninterrupted trial."""
+    import os
+    import signal
+
     from ray import tune
 
     from gcs_tune.config import load_config
@@ -110,6 +115,8 @@ def test_a_failed_trial_is_retried_from_its_last_epoch(ray_cluster, tmp_path):
         def report_then_fail(metrics, checkpoint=None):
             report(metrics, checkpoint=checkpoint)
             if first and metrics["epoch"] == FAIL_AT:
+                if how == "killed":
+                    os.kill(os.getpid(), signal.SIGKILL)  # no exception, no clean-up: the process is gone
                 raise RuntimeError(f"injected failure after epoch {FAIL_AT}")
         tune.report = report_then_fail  # train_trial looks it up on the module at each call
         try:

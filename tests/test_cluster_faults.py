@@ -3,10 +3,12 @@ logging to a real ``mlflow server`` process, with faults injected while trials r
 
 * the worker node is removed mid-study: its trial is retried on the head from its last per-epoch
   checkpoint, and every trial's final numbers equal an uninterrupted run of its config and seed;
-* the MLflow server is down for 20 s mid-study: trials keep training, logging retries, and every
-  child run still has exactly one value per epoch.
+* the MLflow server is down for 20 s mid-study (the trials sharing logical GPUs, half each): trials
+  keep training, logging retries, and every child run still has exactly one value per epoch;
+* the driver is SIGKILLed mid-study: ``--resume`` finishes it.
 
-Every trial is counted once in Optuna, the Parquet table and MLflow. Slow (a minute or two each)."""
+Every trial is counted once, under one number, in the Optuna storage, the Parquet table and
+MLflow. Slow (a minute or two each)."""
 from __future__ import annotations
 
 import socket
@@ -83,9 +85,12 @@ def server():
 
 
 @pytest.fixture
-def two_nodes():
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    worker = nodes.add_node(num_cpus=1)
+def two_nodes(request):
+    """A head with 1 CPU and a worker with 1 CPU, or (parametrized with a GPU count) a worker with
+    2 CPUs and that many logical GPUs, where fractional GPU trials can only go."""
+    gpus = getattr(request, "param", 0)
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    worker = nodes.add_node(num_cpus=2 if gpus else 1, num_gpus=gpus)
     nodes.wait_for_nodes()
     yield nodes, worker
     if ray.is_initialized():
@@ -93,9 +98,10 @@ def two_nodes():
     nodes.shutdown()
 
 
-def space_file(tmp_path, fast_space):
+def space_file(tmp_path, fast_space, gpus_per_trial: float | None = None):
+    share = {"gpus_per_trial": gpus_per_trial} if gpus_per_trial else {}  # used with --gpus > 0 only
     return fast_space(tmp_path, trials=TRIALS, objective={"floor": "zero_shot", "tolerance": 5.0},
-                      resources={"cpus_per_trial": 1, "max_concurrent": 2},  # a trial on each node
+                      resources={"cpus_per_trial": 1, "max_concurrent": 2, **share},  # CPU trials: one per node
                       base={"backbone": {"model": "lab"},
                             "data": {"dataset": "lab", "shots": 8, "views": 1, "lab_test_per_class": 4,
                                      "cache_dir": str(tmp_path / "cache")},
@@ -123,12 +129,13 @@ def checkpointed(study: StudyDir) -> bool:
     return not done and len({p.parent for p in study.local.glob("trial_*/checkpoint_*")}) >= 2
 
 
-def run_study(tmp_path, fast_space, address, tracking, name, fault) -> StudyDir:
+def run_study(tmp_path, fast_space, address, tracking, name, fault, gpus: float = 0) -> StudyDir:
     storage = str(tmp_path / "shared")  # one folder both raylets see: shared storage
     study, stop = StudyDir(storage, name), threading.Event()
     thread = watch(study, stop, *fault)
+    space = space_file(tmp_path, fast_space, gpus_per_trial=0.5 if gpus else None)
     try:
-        code = search.main(["--space", str(space_file(tmp_path, fast_space)), "--gpus", "0", "--address", address,
+        code = search.main(["--space", str(space), "--gpus", f"{gpus:g}", "--address", address,
                             "--storage", storage, "--tracking-uri", tracking, "--name", name, "--quiet"])
     finally:
         stop.set()
@@ -137,9 +144,19 @@ def run_study(tmp_path, fast_space, address, tracking, name, fault) -> StudyDir:
     return study
 
 
+def stored_optuna(study: StudyDir) -> list:
+    """The study's Optuna storage as optuna-dashboard reads it."""
+    import optuna
+    return optuna.load_study(study_name=study.name, storage=f"sqlite:///{study.local / 'optuna.db'}").get_trials()
+
+
 def assert_counted_once(study: StudyDir) -> None:
-    frame = read_table(study)
+    frame = read_table(study).sort_values("number")
     assert len(frame) == TRIALS and frame["trial_id"].is_unique and frame["state"].isin(TERMINAL).all()
+    assert frame["number"].tolist() == list(range(TRIALS))
+    stored = stored_optuna(study)  # the same trials under the same numbers, each ended
+    assert [(t.number, t.user_attrs["ray_trial_id"]) for t in stored] == list(zip(frame["number"], frame["trial_id"]))
+    assert all(t.state.is_finished() for t in stored)
     info = StudyInfo.load(study)
     client = MlflowClient(info.tracking_uri)
     exp = client.get_experiment_by_name(info.experiment)
@@ -171,7 +188,10 @@ def test_a_trial_on_a_removed_node_continues_elsewhere_from_its_checkpoint(two_n
         assert row["novel_acc"] == pytest.approx(last.val.novel, abs=1e-6)
 
 
+@pytest.mark.parametrize("two_nodes", [4], indirect=True)
 def test_trials_keep_training_while_the_mlflow_server_is_down(two_nodes, server, tmp_path, fast_space):
+    """Also fractional GPUs on a cluster: ``--gpus 1`` with half a GPU per trial, on a worker with
+    4 logical GPUs (the head has none), so the two trials at a time share one GPU."""
     nodes, _ = two_nodes
     outage = {}
 
@@ -182,11 +202,15 @@ def test_trials_keep_training_while_the_mlflow_server_is_down(two_nodes, server,
         server.start()
         outage["back"] = time.time()
 
-    study = run_study(tmp_path, fast_space, nodes.address, server.uri, "server-down", (checkpointed, down_for_20_s))
+    study = run_study(tmp_path, fast_space, nodes.address, server.uri, "server-down", (checkpointed, down_for_20_s),
+                      gpus=1)
+    assert StudyInfo.load(study).resources == {"cpu": 1.0, "gpu": 0.5}
     assert outage["back"] - outage["stopped"] >= 20
     frame = read_table(study)
     during = (frame["ended_at"] > outage["stopped"]) & (frame["ended_at"] < outage["back"])
     assert during.any()  # trials went on training, and finishing, while the server was down
+    spans = sorted(zip(frame["started_at"], frame["ended_at"]))
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))  # two at once on one GPU
     assert_counted_once(study)  # ... and every epoch reached MLflow once the server was back
 
 
@@ -194,7 +218,6 @@ def test_a_driver_killed_mid_study_is_finished_by_resume(two_nodes, server, tmp_
     """SIGKILL, not Ctrl-C: nothing in the driver gets to save. ``--resume`` then finishes the study
     from Ray's last experiment snapshot and the per-epoch checkpoints: completed trials kept, each
     trial once in Optuna, Parquet and MLflow."""
-    import os
     import signal
 
     import yaml
@@ -216,12 +239,13 @@ def test_a_driver_killed_mid_study_is_finished_by_resume(two_nodes, server, tmp_
     driver.wait()
     before = read_table(study)
     kept = before[before["state"].isin(TERMINAL)].set_index("trial_id")["mlflow_run_id"]
+    live = {t.user_attrs["ray_trial_id"]: t.state.name for t in stored_optuna(study)}  # written while it ran
+    assert all(live[tid] != "RUNNING" for tid in kept.index) and "RUNNING" in live.values()
 
     assert search.main(["--resume", "--name", name, "--storage", storage, "--address", nodes.address,
                         "--quiet"]) == 0
     assert_counted_once(study)
     after = read_table(study).set_index("trial_id")
     assert (after.loc[kept.index, "mlflow_run_id"] == kept).all()  # finished trials kept their runs
-    optuna_view = yaml.safe_load((study.local / "optuna.yaml").read_text())
+    optuna_view = yaml.safe_load((study.local / "optuna.yaml").read_text())  # the searcher's own study
     assert sum(optuna_view["states"].values()) == TRIALS and "running" not in optuna_view["states"]
-    assert os.path.exists(study.local / "optuna.db")

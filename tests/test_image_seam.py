@@ -1,12 +1,16 @@
 """The image-feature seam (gcs_tune.methods.sources): the tower path shows the crops the cache path
 would, evaluation goes through it, and the cache path trains exactly as the loop before the seam."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from gcs_tune.engine import fit
 from gcs_tune.methods.assemble import build_run, tower_source
 from gcs_tune.methods.loop import batches, learning_rate, train_epoch
 from gcs_tune.methods.losses import LOSS_TERMS, LossInputs
+from gcs_tune.methods.table import METHODS
 from gcs_tune.model.deep import PromptedImageEncoder
 from gcs_tune.model.prompters import CoOpPrompter, build_bank
 from gcs_tune.model.text import PromptedTextEncoder
@@ -81,3 +85,34 @@ def test_the_cache_path_trains_as_the_loop_before_the_seam(fast_cfg):
             (1.0 * LOSS_TERMS["ce"](inputs)).backward()
             opt.step()
     assert torch.equal(run.prompter.ctx, prompter.ctx)
+
+
+CASPL_SMALL = {**SMALL, "method.name": "caspl_coop", "method.teacher_model": "lab-vit-tiny", "method.boost_epochs": 1,
+               "method.boost_shots": 1, "method.boost_batch_size": 64, "method.boost_n_ctx": 2,
+               "optim.batch_size": 16, "optim.lr": 0.5, "schedule.epochs": 3}
+
+
+@pytest.mark.parametrize("views", [2, "epoch"])
+def test_frozen_vision_prompts_kept_train_as_the_tower_path(fast_cfg, monkeypatch, views):
+    """CasPL + CoOp: its boosting prompt is frozen, so encoding each crop once (``frozen_tower``)
+    gives the run that the tower path gives when it runs every step."""
+    cfg = fast_cfg(**CASPL_SMALL, **{"data.views": views})
+    prep = prepare(cfg)
+    kept = list(fit(cfg, prep))
+    monkeypatch.setitem(METHODS, "caspl_coop", dataclasses.replace(METHODS["caspl_coop"], images="tower"))
+    every_step = list(fit(cfg, prep))
+    for a, b in zip(kept, every_step):
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
+        assert a.val.hm == pytest.approx(b.val.hm, abs=1e-9)
+    tensors = {k: v for k, v in every_step[-1].final.prompt.items() if isinstance(v, torch.Tensor)}
+    assert "adapt.ctx" in tensors
+    for name, value in tensors.items():
+        torch.testing.assert_close(kept[-1].final.prompt[name], value, rtol=0, atol=1e-5)
+    assert kept[-1].final.test == every_step[-1].final.test
+
+
+def test_frozen_tower_refuses_vision_prompts_that_train(fast_cfg, monkeypatch):
+    monkeypatch.setitem(METHODS, "promptsrc", dataclasses.replace(METHODS["promptsrc"], images="frozen_tower"))
+    cfg = fast_cfg(**SMALL, **{"method.name": "promptsrc"})
+    with pytest.raises(ValueError, match="frozen_tower needs vision prompts that do not train"):
+        build_run(cfg, prepare(cfg))

@@ -13,7 +13,7 @@ from gcs_tune.data.extract import default_workers
 from gcs_tune.methods import caspl
 from gcs_tune.methods.loop import Extras, Run
 from gcs_tune.methods.losses import NEEDS
-from gcs_tune.methods.sources import CachedImages, TowerImages
+from gcs_tune.methods.sources import CachedImages, FrozenTowerImages, TowerImages
 from gcs_tune.methods.parts import AVERAGING, PROMPTERS, STEP_RULES, PromptContext
 from gcs_tune.methods.table import METHODS
 from gcs_tune.methods.templates import ensemble_templates, ensemble_text
@@ -45,11 +45,14 @@ def tower_source(cfg: RunConfig, bb: Backbone, encoder: PromptedImageEncoder, re
     return TowerImages(encoder, reference, images, eval_images, augment, bb.eval_transform, seed, bb.device, workers)
 
 
-def _source(cfg: RunConfig, prep: Prepared, image: PromptedImageEncoder | None):
-    if image is None:
+def _source(images: str, cfg: RunConfig, prep: Prepared, image: PromptedImageEncoder | None,
+            prompter: torch.nn.Module, precision):
+    """The image source a row's ``images`` names."""
+    if images == "cache":
         return CachedImages(prep.train, {"val": prep.val, "test": prep.test})
     evals = {k: v for k, v in prep.images.items() if k in ("val", "test")}
-    return tower_source(cfg, prep.backbone, image, prep.train, prep.images["train"], evals, prep.seed)
+    tower = tower_source(cfg, prep.backbone, image, prep.train, prep.images["train"], evals, prep.seed)
+    return FrozenTowerImages(tower, prompter, precision) if images == "frozen_tower" else tower
 
 
 def nfl_names(cfg: RunConfig, prep: Prepared) -> list[str]:
@@ -100,7 +103,7 @@ def build_run(cfg: RunConfig, prep: Prepared, state: dict | None = None) -> Run:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     text = PromptedTextEncoder(bb.model)
-    image = PromptedImageEncoder(bb.model) if row.images == "tower" else None
+    image = PromptedImageEncoder(bb.model) if row.images != "cache" else None
     names = list(prep.classnames)
     prompter = PROMPTERS[row.prompter](PromptContext(cfg, text, image, bb.tokenizer, len(prep.base), gen, prior))
     train_bank = build_bank(text, bb.tokenizer, names[prep.base.start:prep.base.stop], list(prep.base),
@@ -112,11 +115,13 @@ def build_run(cfg: RunConfig, prep: Prepared, state: dict | None = None) -> Run:
     step = STEP_RULES[row.step](cfg, params, optimizer)
     weights = loss_weights(cfg)
     exact = step.two_pass and cfg.method.grad_precision == "fp32"  # the SAM family compares g_s with g
+    train_precision = fp32(device) if exact else autocast(device, cfg.backbone.precision)
+    source = _source(row.images, cfg, prep, image, prompter, train_precision)
     run = Run(cfg=cfg, prompter=prompter, encoder=text, train_bank=train_bank, eval_bank=eval_bank,
-              source=_source(cfg, prep, image), step=step, optimizer=optimizer, weights=weights,
+              source=source, step=step, optimizer=optimizer, weights=weights,
               frozen_text=prep.zero_shot_text[prep.base.start:prep.base.stop],
               scale=bb.model.logit_scale.exp().detach(), label_offset=prep.base.start, generator=gen,
-              train_precision=fp32(device) if exact else autocast(device, cfg.backbone.precision),
+              train_precision=train_precision,
               precision=autocast(device, cfg.backbone.precision), extras=_extras(cfg, prep, weights, text, prompter),
               averaging=AVERAGING[row.averaging](cfg))
     if state is not None:

@@ -53,7 +53,7 @@ class Run:
     encoder: PromptedTextEncoder
     train_bank: ClassBank  # the classes the loss scores
     eval_bank: ClassBank  # every class of the run, for evaluation
-    source: Any  # CachedImages | TowerImages (gcs_tune.methods.sources)
+    source: Any  # CachedImages | TowerImages | FrozenTowerImages (gcs_tune.methods.sources)
     step: SGDStep
     optimizer: torch.optim.Optimizer
     weights: dict[str, float]  # LOSS_TERMS key -> weight

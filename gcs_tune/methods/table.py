@@ -6,8 +6,10 @@ the row's keys in ``gcs_tune.methods.parts`` and never branches on a method's na
 - ``prompter``: key of PROMPTERS (what is trained);
 - ``step``: key of STEP_RULES (how a gradient becomes an update; SubPT's "subspace" wraps another);
 - ``losses``: LOSS_TERMS key -> default weight (gcs_tune.methods.losses);
-- ``images``: "cache" (frozen features read from the feature cache) or "tower" (the image tower
-  run with the prompter's vision prompts on fresh crops: gcs_tune.methods.sources);
+- ``images``: "cache" (frozen features read from the feature cache), "tower" (the image tower
+  run with the prompter's vision prompts on fresh crops: gcs_tune.methods.sources) or
+  "frozen_tower" (vision prompts that never train, as CasPL's boosting prompt under a text-only
+  host: each crop through the prompted tower once, then read as a cache);
 - ``averaging``: "none" or "gaussian" (PromptSRC's prompt aggregation: gcs_tune.methods.averaging);
 - ``stage``: None, or "boost": CasPL's stage 1, whose boosting prompt the prompter cascades.
 """
@@ -24,7 +26,7 @@ class Method:
     losses: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})  # LOSS_TERMS key -> default weight
     summary: str = ""
     knobs: tuple[str, ...] = ()  # method.* config keys this method reads (for search validation)
-    images: str = "cache"  # "cache" | "tower"
+    images: str = "cache"  # "cache" | "tower" | "frozen_tower"
     averaging: str = "none"  # key of AVERAGING
     stage: str | None = None  # "boost": CasPL's stage 1 runs first (gcs_tune.methods.caspl)
 
@@ -53,7 +55,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            summary="PromptSRC: deep V-L prompts, CE + KL + L1 to the frozen model, Gaussian prompt aggregation"),
     Method("promptsrc_gcsam", "deep", "gcsam", losses=SRC_LOSSES, images="tower", averaging="gaussian",
            knobs=(*SRC_KNOBS, *SAM_KNOBS), summary="PromptSRC's prompts and losses trained with GCSAM"),
-    Method("caspl_coop", "cascade_coop", "sgd", images="tower", stage="boost", knobs=CASPL_KNOBS,
+    Method("caspl_coop", "cascade_coop", "sgd", images="frozen_tower", stage="boost", knobs=CASPL_KNOBS,
            summary="CasPL + CoOp: a frozen boosting prompt distilled from a larger teacher, CoOp cascaded after it"),
     Method("caspl_promptsrc", "cascade_deep", "sgd", losses=SRC_LOSSES, images="tower", averaging="gaussian",
            stage="boost", knobs=(*CASPL_KNOBS, *SRC_KNOBS),

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
+from gcs_tune.tune.optuna_study import OPTUNA_DB, PersistedStudy, storage_url
 from gcs_tune.tune.results import TrialRecord, records_from_table, write_table
 from gcs_tune.tune.study import StudyDir, StudyInfo
 from gcs_tune.tune.tracking import Tracker, flatten
@@ -33,6 +34,7 @@ FINAL_FILES = ("prompt.pt", "config.yaml", "final.json")
 LOG_FILES = ("stdout.log", "stderr.log")  # each trial's own output, in its trial folder
 FLUSH_EVERY_S = 5.0  # retry period of queued MLflow writes while the server does not answer
 FINAL_WAIT_S = 120.0  # how long the end of a study waits for a server that is down
+OPTUNA_EVERY_S = 10.0  # learning curves reach the Optuna storage at most this often (starts and ends at once)
 
 
 def trial_number(trial) -> int:
@@ -53,6 +55,9 @@ class _Live:
     logged: dict[str, int] = field(default_factory=dict)  # Ray trial id -> last epoch its MLflow run holds
     outbox: deque[Callable[[], Any]] = field(default_factory=deque)  # MLflow writes waiting for the server
     flushed_at: float = 0.0
+    optuna: PersistedStudy | None = None
+    optuna_synced_at: float = 0.0
+    checked_resume: bool = False  # the records were checked against the trials Ray restored
 
 
 class StudyCallback(Callback):
@@ -74,7 +79,8 @@ class StudyCallback(Callback):
         view = LiveView(self.info.name, self.info.trials) if self.live else None
         if view:
             view.start()
-        self._state = _Live(study, records, tracker, runs, view)
+        persisted = self._safe(lambda: PersistedStudy(self.info, storage_url(self.info, study.local)))
+        self._state = _Live(study, records, tracker, runs, view, optuna=persisted)
 
     @property
     def records(self) -> dict[str, TrialRecord]:
@@ -82,6 +88,8 @@ class StudyCallback(Callback):
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         """Called by Ray after every step of its control loop: redraw the view (throttled)."""
+        if self._state and not self._state.checked_resume and trials:
+            self._forget_unknown({t.trial_id for t in trials})
         if self._state:
             self._flush()
         if self._state and self._state.view:
@@ -99,6 +107,11 @@ class StudyCallback(Callback):
             self._send(lambda: tracker.remove_orphans(set(self.records)))
         self._flush(final=True)
         self.write_table()
+        self._sync_optuna(force=True)
+        if self._state.optuna is not None:
+            self._state.optuna.close()
+            if not self.info.optuna_storage:  # a storage URI: the local mirror's copy goes up with the rest
+                self._safe(lambda: self._state.study.upload(OPTUNA_DB))
         if self._state.view:
             self._state.view.stop(list(self.records.values()))
             self._state.view = None
@@ -107,14 +120,7 @@ class StudyCallback(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         """Called by Ray each time a trial's actor starts: first run, retry, or resumed run."""
-        rec = self.records.get(trial.trial_id)
-        if rec is None:  # a retried or resumed attempt keeps its record: it continues from its checkpoint
-            params = dict(trial.config)
-            defaults = self.info.space.get("defaults") or None
-            rec = TrialRecord(trial.trial_id, trial_number(trial), params,
-                              is_default=bool(defaults) and params == defaults,
-                              epochs=int(self.info.base["schedule"]["epochs"]))
-            self.records[trial.trial_id] = rec
+        rec = self._record(trial)
         rec.state, rec.started_at = TrialState.RUNNING, time.time()
         live, tid = self._state, trial.trial_id
         if live.tracker is not None:
@@ -125,6 +131,7 @@ class StudyCallback(Callback):
                     existing=earlier or None)
                 live.runs[tid] = rec.mlflow_run_id
             self._send(start)
+        self._sync_optuna(force=True)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         """Called by Ray in the driver for every epoch a trial reports."""
@@ -144,6 +151,7 @@ class StudyCallback(Callback):
                     live.tracker.log_run(rec.mlflow_run_id, metrics=report.logged(), step=report.epoch)
                     live.logged[tid] = report.epoch
             self._send(log)
+        self._sync_optuna()
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         """Called by Ray when a trial ends without an error: finished, diverged, or ASHA-stopped."""
@@ -164,9 +172,9 @@ class StudyCallback(Callback):
     def finished(self, trial, state: TrialState) -> None:
         """A trial ended, in a terminal ``state``: its record, its MLflow run (closed with its final
         files, or its error), the table and the view."""
-        rec = self.records.get(trial.trial_id)
-        if rec is None:
+        if not self._state:
             return
+        rec = self._record(trial)  # a trial can fail before it ever started
         rec.state, rec.ended_at, checkpoint = state, time.time(), None
         if state == TrialState.FAILED:
             rec.error, rec.log = _error_text(trial), self._keep_log(trial, rec.number)
@@ -178,15 +186,53 @@ class StudyCallback(Callback):
         if tracker is not None:
             self._send(lambda: self._log_final(tracker, rec, checkpoint))
         self._state.runs[rec.trial_id] = rec.mlflow_run_id
+        self._sync_optuna(force=True)  # first: a trial ended in the table has ended in Optuna
         self.write_table()
         if self._state.view:
             self._state.view.finished(rec)
 
+    def _forget_unknown(self, restored: set[str]) -> None:
+        """On the first step of a session: records of trials that Ray does not have -- started or
+        finished after its last snapshot by a driver that was killed -- are forgotten. Ray runs
+        their numbers again as new trials, so keeping them would count those numbers twice in the
+        table and in Optuna (their MLflow runs go as orphans at the end)."""
+        self._state.checked_resume = True
+        unknown = [tid for tid in self.records if tid not in restored]
+        for tid in unknown:
+            rec = self.records.pop(tid)
+            log.warning("trial %d (%s, %s) ran after Ray's last snapshot of the study; Ray runs its number "
+                        "again", rec.number, tid, rec.state)
+        if unknown:
+            self.write_table()
+            self._sync_optuna(force=True)
+
     # ------------------------------------------------------------ helpers
+
+    def _record(self, trial) -> TrialRecord:
+        """The trial's record; made on its first event (a retried or resumed attempt keeps its
+        record: it continues from its checkpoint)."""
+        rec = self.records.get(trial.trial_id)
+        if rec is None:
+            params = dict(trial.config)
+            defaults = self.info.space.get("defaults") or None
+            rec = TrialRecord(trial.trial_id, trial_number(trial), params,
+                              is_default=bool(defaults) and params == defaults,
+                              epochs=int(self.info.base["schedule"]["epochs"]))
+            self.records[trial.trial_id] = rec
+        return rec
 
     def write_table(self) -> None:
         if self._state and self.records:
             self._safe(lambda: write_table(list(self.records.values()), self._state.study))
+
+    def _sync_optuna(self, force: bool = False) -> None:
+        """The Optuna storage in step with the records: at once for a start or an end, at most
+        every OPTUNA_EVERY_S for learning curves."""
+        live = self._state
+        if live is None or live.optuna is None or not (force or time.time() - live.optuna_synced_at >= OPTUNA_EVERY_S):
+            return
+        live.optuna_synced_at = time.time()
+        self._safe(lambda: live.optuna.sync([r.row() for r in self.records.values()]))
 
     def _keep_log(self, trial, number: int) -> str:
         """Copy a failed trial's output into ``<study>/logs/`` (Ray's session folder is temporary);

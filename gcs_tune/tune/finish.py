@@ -14,6 +14,7 @@ from rich.console import Console
 
 from gcs_tune.config import ObjectiveConfig
 from gcs_tune.objective import resolve_floor
+from gcs_tune.tune.optuna_study import dashboard_command
 from gcs_tune.tune.plots import make_plots
 from gcs_tune.tune.report import write_report
 from gcs_tune.tune.results import TABLE, Winner, describe_trial, read_table, select_winner
@@ -146,6 +147,8 @@ def _print_summary(info, study, frame, winner, floor, interrupted, done, seconds
     server = info.tracking_uri if is_server_uri(info.tracking_uri) else "http://127.0.0.1:5000"
     console.print(f"  then open {server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning "
                   "(the parent run lists one child per trial)")
+    console.print(f"Optuna study:  [bold]{dashboard_command(info, study.local)}[/] (pip install optuna-dashboard; "
+                  f"or optuna.load_study(study_name={info.name!r}, storage=...))", soft_wrap=True)
     if interrupted:
         console.print(f"[yellow]interrupted[/]: resume with [bold]python -m gcs_tune.search --resume "
                       f"--name {info.name} --storage {info.storage}[/]")

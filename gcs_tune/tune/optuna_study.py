@@ -1,5 +1,6 @@
-"""Each study as Optuna sees it: rebuilt from ``trials.parquet`` (the searcher's own study lives in
-Ray's searcher state), stored as ``optuna.db`` for ``optuna-dashboard``, and drawn with Optuna's
+"""Each study as Optuna sees it: kept in Optuna storage (``optuna.db``, or ``--optuna-storage``)
+from the trial records while the search runs (the searcher's own study lives in Ray's searcher
+state), opened by ``optuna.load_study`` and ``optuna-dashboard``, and drawn with Optuna's
 matplotlib plots.
 
 A ``FrozenTrial`` per row with the space's distributions (a bound naming another parameter widened
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -23,11 +22,11 @@ from typing import Any
 
 import matplotlib
 import optuna
-import pandas as pd
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, create_trial
 from optuna.trial import TrialState as OptunaState
 
+from gcs_tune.config import ConfigError
 from gcs_tune.tune.plots import png_bytes
 from gcs_tune.tune.results import trial_params
 from gcs_tune.tune.space import Param
@@ -41,8 +40,23 @@ STATES = {TrialState.COMPLETE: OptunaState.COMPLETE, TrialState.PRUNED: OptunaSt
           TrialState.FAILED: OptunaState.FAIL, TrialState.RUNNING: OptunaState.RUNNING}
 
 
-def dashboard_command(study_folder: Path) -> str:
-    return f"optuna-dashboard sqlite:///{Path(study_folder).resolve() / OPTUNA_DB}"
+def storage_url(info: StudyInfo, study_folder: Path) -> str:
+    """The study's Optuna storage: ``--optuna-storage``, else ``<study>/optuna.db``."""
+    return info.optuna_storage or f"sqlite:///{Path(study_folder).resolve() / OPTUNA_DB}"
+
+
+def check_storage_url(url: str) -> None:
+    """``--optuna-storage``: an RDB URL Optuna can open (and write its schema to), checked before
+    anything runs."""
+    try:
+        optuna.storages.RDBStorage(url).engine.dispose()
+    except Exception as exc:  # noqa: BLE001 -- SQLAlchemy's and the driver's errors alike
+        raise ConfigError(f"--optuna-storage {url}: Optuna cannot open it ({type(exc).__name__}: {exc}); give an "
+                          f"RDB URL such as sqlite:////shared/optuna.db or postgresql://user@host/db") from None
+
+
+def dashboard_command(info: StudyInfo, study_folder: Path) -> str:
+    return f"optuna-dashboard {storage_url(info, study_folder)}"
 
 
 def distributions(params: dict[str, dict[str, Any]]) -> dict[str, BaseDistribution]:
@@ -90,37 +104,119 @@ def frozen_trial(row: dict[str, Any], dists: dict[str, BaseDistribution]) -> Fro
     return trial
 
 
-def rebuild_study(info: StudyInfo, frame: pd.DataFrame) -> tuple[optuna.Study, list[str]]:
-    """The in-memory Optuna study of ``frame`` (and a note per row it could not take)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=info.name, direction="maximize")
-    study.set_user_attr("objective", "validation HM with a base floor (penalised below it)")
-    dists, notes = distributions(info.space["params"]), []
-    for row in frame.sort_values("number").to_dict("records") if not frame.empty else []:
+class PersistedStudy:
+    """The study in Optuna storage, kept in step with its trial records while the search runs:
+    ``optuna.load_study`` and optuna-dashboard open it at any time, and its trial numbers are the
+    study's (the table's, the MLflow run names', the console's).
+
+    The searcher keeps its own in-memory study, saved in Ray's searcher snapshot: that snapshot
+    is what a ``--resume`` continues from, and a storage the searcher wrote to directly would run
+    ahead of it (trials asked or finished after the last snapshot are asked again, and Optuna
+    refuses a second ``tell``). So this study is written from the records, which Ray's snapshot
+    decides too: every sync adds the trials it lacks and finishes the RUNNING ones that ended
+    (their learning curves as they grow); when the storage disagrees with the records -- trials
+    of a killed driver that Ray re-runs under the same numbers, or a hand-edited table -- the
+    study is written again from the records."""
+
+    def __init__(self, info: StudyInfo, url: str):
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.url, self.name = url, info.name
+        self.storage = optuna.storages.RDBStorage(url)
+        self.dists = distributions(info.space["params"])
+        self.study = self._open()
+        self.stored: list[FrozenTrial] | None = None  # what the storage holds, by number (this is its only writer)
+        self.seen: dict[int, str] = {}  # number -> signature of the row last written
+        self.notes: list[str] = []  # rows that could not be told as they are
+
+    def _open(self) -> optuna.Study:
+        study = optuna.create_study(storage=self.storage, study_name=self.name, direction="maximize",
+                                    load_if_exists=True)
+        study.set_user_attr("objective", "validation HM with a base floor (penalised below it)")
+        return study
+
+    def sync(self, rows: list[dict[str, Any]]) -> optuna.Study:
+        """Bring the stored study in step with ``rows`` (``TrialRecord.row()`` / trials.parquet).
+        Only rows that changed since the last sync are looked at, so a sync during a long study
+        costs what its new events cost."""
+        rows = _numbered(rows)
+        if self.stored is None:
+            self.stored = self.study.get_trials(deepcopy=False)
+        changed = {n: self._frozen(row) for n, row in enumerate(rows) if self.seen.get(n) != _signature(row)}
+        if len(self.stored) > len(rows) or any(_differs(self.stored[n], w) for n, w in changed.items()
+                                               if n < len(self.stored)):
+            return self._rewrite(rows)
+        for n, want in sorted(changed.items()):
+            if n >= len(self.stored):
+                self.study.add_trial(want)
+            elif self.stored[n].state == OptunaState.RUNNING:
+                self._update(self.stored[n]._trial_id, self.stored[n], want)
+            else:
+                continue
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study._study_id, n)
+            self.stored[n:n + 1] = [self.storage.get_trial(trial_id)]
+        self.seen.update({n: _signature(rows[n]) for n in changed})
+        return self.study
+
+    def _rewrite(self, rows: list[dict[str, Any]]) -> optuna.Study:
+        """The stored study written again from ``rows``."""
+        optuna.delete_study(study_name=self.name, storage=self.storage)
+        self.study = self._open()
+        self.study.add_trials([self._frozen(row) for row in rows])
+        self.stored = self.study.get_trials(deepcopy=False)
+        self.seen = {n: _signature(row) for n, row in enumerate(rows)}
+        return self.study
+
+    def _frozen(self, row: dict[str, Any]) -> FrozenTrial:
         try:
-            study.add_trial(frozen_trial(row, dists))
+            return frozen_trial(row, self.dists)
         except (ValueError, KeyError) as exc:  # a hand-edited table or an older space
-            notes.append(f"trial {row.get('number')}: left out of the Optuna study ({exc})")
-    return study, notes
+            self.notes.append(f"trial {row.get('number')}: told as failed, without values ({exc})")
+            return create_trial(state=OptunaState.FAIL, user_attrs={"error": str(exc)})
+
+    def _update(self, trial_id: int, have: FrozenTrial, want: FrozenTrial) -> None:
+        """A RUNNING stored trial: its new epochs, attributes and, when it ended, its end."""
+        for step, value in want.intermediate_values.items():
+            if have.intermediate_values.get(step) != value:
+                self.storage.set_trial_intermediate_value(trial_id, step, value)
+        for key, value in want.user_attrs.items():
+            if have.user_attrs.get(key) != value:
+                self.storage.set_trial_user_attr(trial_id, key, value)
+        if want.state != OptunaState.RUNNING:
+            for key, value in want.system_attrs.items():  # the base-floor constraint
+                self.storage.set_trial_system_attr(trial_id, key, value)
+            self.storage.set_trial_state_values(trial_id, want.state, None if want.value is None else [want.value])
+
+    def close(self) -> None:
+        self.storage.engine.dispose()
 
 
-def save_study(study: optuna.Study, path: Path) -> Path:
-    """``study`` as an sqlite RDB storage at ``path``, written beside it and renamed into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.unlink(tmp)  # Optuna creates its own schema in a fresh file
-    try:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}")
-        copy = optuna.create_study(storage=storage, study_name=study.study_name, directions=study.directions)
-        for key, value in study.user_attrs.items():
-            copy.set_user_attr(key, value)
-        copy.add_trials(study.get_trials(deepcopy=False))
-        storage.engine.dispose()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+def _numbered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows in number order, up to the first missing number (a trial Ray created and has not
+    started yet): Optuna numbers trials in the order they are added."""
+    out: list[dict[str, Any]] = []
+    for row in sorted(rows, key=lambda r: r["number"]):
+        if int(row["number"]) != len(out):
+            break
+        out.append(row)
+    return out
+
+
+SIGNED = ("state", "params_json", "curve_json", "objective", "violation", "hm", "base_acc", "novel_acc",
+          "trial_id", "is_default", "mlflow_run_id")  # what frozen_trial reads
+
+
+def _signature(row: dict[str, Any]) -> str:
+    return json.dumps([row.get(k) for k in SIGNED], default=str)  # NaN as "NaN": equal to itself
+
+
+def _differs(have: FrozenTrial, want: FrozenTrial) -> bool:
+    """Not the same trial: other values, or an end other than the one stored (a RUNNING stored
+    trial may still end; a finished one cannot change)."""
+    if have.params != want.params:
+        return True
+    if have.state == OptunaState.RUNNING:
+        return False
+    return have.state != want.state or have.value != want.value or have.constraints != want.constraints
 
 
 def optuna_figures(study: optuna.Study, info: StudyInfo) -> list[tuple[str, bytes | str]]:

@@ -1,12 +1,11 @@
-"""One self-contained HTML page for a study or a comparison (``report.html``, PNGs embedded), and
-each study as Optuna storage (``optuna.db``) for ``optuna-dashboard``.
+"""One self-contained HTML page for a study or a comparison (``report.html``, PNGs embedded).
 
-The searcher's Optuna study lives in Ray's searcher state, so it is rebuilt from ``trials.parquet``:
-a ``FrozenTrial`` per row with the space's distributions (a bound naming another parameter widened
-to its whole range, so all trials share one search space and the importance and contour plots see
-every parameter), the base floor as the searcher's constraint, PRUNED / FAIL from the state column
-and the per-epoch validation objective as intermediate values. Optuna's matplotlib plots draw from
-it; the project's base-against-novel plot adds the floor and the iso-HM curves."""
+Each study's Optuna storage (``optuna.db``, or the study's ``--optuna-storage``) is brought in
+step with ``trials.parquet`` first (:class:`~gcs_tune.tune.optuna_study.PersistedStudy`: a
+``FrozenTrial`` per row with the space's distributions, the base floor as the searcher's
+constraint, PRUNED / FAIL from the state column and the per-epoch validation objective as
+intermediate values). Optuna's matplotlib plots draw from it; the project's base-against-novel
+plot adds the floor and the iso-HM curves."""
 from __future__ import annotations
 
 import base64
@@ -21,7 +20,7 @@ import yaml
 
 from gcs_tune.config import ConfigError, ObjectiveConfig
 from gcs_tune.objective import resolve_floor
-from gcs_tune.tune.optuna_study import OPTUNA_DB, dashboard_command, optuna_figures, rebuild_study, save_study
+from gcs_tune.tune.optuna_study import PersistedStudy, dashboard_command, optuna_figures, storage_url
 from gcs_tune.tune.plots import base_novel_figure, finished, png_bytes
 from gcs_tune.tune.results import rank, read_table, select_winner, trial_params
 from gcs_tune.tune.study import STUDY_FILE, StudyDir, StudyInfo
@@ -38,8 +37,8 @@ code{background:#f3f3f3;padding:1px 4px}section.study{border-top:2px solid #888;
 
 
 def write_report(folder: Path, out: Path | None = None) -> Path:
-    """Write ``report.html`` for the study or comparison in ``folder`` (and each study's
-    ``optuna.db``); returns the page's path (``out`` when given)."""
+    """Write ``report.html`` for the study or comparison in ``folder`` (and bring each study's
+    Optuna storage in step with its table); returns the page's path (``out`` when given)."""
     folder = Path(folder)
     if (folder / COMPARE_FILE).is_file():
         title, body = f"comparison {folder.name}", _comparison(folder)
@@ -67,8 +66,12 @@ def _study(folder: Path, level: int) -> str:
     finalists and the test table when ``gcs_tune.best`` ran, the top trials and the plots."""
     study = StudyDir(str(folder.parent), folder.name)
     info, frame = StudyInfo.load(study), read_table(study)
-    optuna_study, notes = rebuild_study(info, frame)
-    save_study(optuna_study, folder / OPTUNA_DB)
+    persisted = PersistedStudy(info, storage_url(info, folder))
+    try:
+        optuna_study = persisted.sync(frame.to_dict("records") if not frame.empty else [])
+        figures = optuna_figures(optuna_study, info)
+    finally:
+        persisted.close()
     floor = _floor(info)
     counts = ", ".join(f"{n} {s}" for s, n in frame["state"].value_counts().items()) if not frame.empty else "none"
     h = f"h{level}"
@@ -76,7 +79,7 @@ def _study(folder: Path, level: int) -> str:
              f"<p>{_e(info.space.get('description') or info.space_path)}<br>created {_e(info.created)}; "
              f"{len(frame)}/{info.trials} trials ({_e(counts)}); selection <b>{_e(info.base['objective']['selection'])}"
              f"</b>; base floor {_num(floor)}; MLflow <code>{_e(info.tracking_uri)}</code>; "
-             f"Optuna: <code>{_e(dashboard_command(folder))}</code></p>",
+             f"Optuna: <code>{_e(dashboard_command(info, folder))}</code></p>",
              "<h3>winner against the paper defaults and the CoOp reference (validation)</h3>",
              _versus(info, frame, floor)]
     for rel, what in (("finalists.md", "finalists re-run on extra seeds"), ("export/test.md", "test split")):
@@ -84,10 +87,9 @@ def _study(folder: Path, level: int) -> str:
             parts.append(f"<h3>{what} (<code>{rel}</code>)</h3>" + _markdown((folder / rel).read_text()))
     done = finished(frame)
     own = png_bytes(base_novel_figure(done, floor)) if not done.empty else "not drawn: no trial reported yet"
-    figures = optuna_figures(optuna_study, info) + [
-        ("validation base vs novel per trial, base floor dashed, grey iso-HM curves", own)]
+    figures += [("validation base vs novel per trial, base floor dashed, grey iso-HM curves", own)]
     parts += ["<h3>top trials</h3>", _top_trials(frame), "<h3>plots</h3>", _figures(figures)]
-    parts += [f"<p class='note'>{_e(n)}</p>" for n in notes]
+    parts += [f"<p class='note'>{_e(n)}</p>" for n in persisted.notes]
     return "\n".join(parts)
 
 

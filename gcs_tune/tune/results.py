@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ class TrialRecord:
     checkpoint: str = ""
 
     def row(self) -> dict[str, Any]:
-        row = {k: v for k, v in asdict(self).items() if k not in ("params", "report", "curve")}
+        row = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("params", "report", "curve")}
         row["duration_s"] = self.ended_at - self.started_at
         row["params_json"] = json.dumps(self.params, sort_keys=True)  # exact values, None included
         row["curve_json"] = json.dumps({str(e): v for e, v in sorted(self.curve.items())})

@@ -17,6 +17,7 @@ from gcs_tune.config import ConfigError
 from gcs_tune.tune import cluster
 from gcs_tune.tune.callbacks import LOG_FILES, StudyCallback
 from gcs_tune.tune.finish import Outcome, console, finish_study, log_reference
+from gcs_tune.tune.optuna_study import check_storage_url
 from gcs_tune.tune.searcher import build_searcher, concurrency_cap
 from gcs_tune.tune.space import Space, SpaceFile
 from gcs_tune.tune.study import (LOCK_FILE, StudyDir, StudyInfo, absolute_paths, is_uri, latest_study,
@@ -42,6 +43,7 @@ class SearchOptions:
     overrides: dict[str, Any] = field(default_factory=dict)
     live: bool = True
     dashboard: bool = False  # start Ray's dashboard (the ray[default] extra) and print its address
+    optuna_storage: str = ""  # an RDB URL for the study's Optuna storage; "": <study>/optuna.db
     progress: Callable | None = None  # progress bar for the feature cache
     experiment: str | None = None  # MLflow experiment (default: the study's name); a comparison shares one
     parent_run_id: str | None = None  # the study's run becomes this run's child (a comparison's run)
@@ -112,15 +114,17 @@ def _open_study(opts: SearchOptions, storage: str) -> tuple[StudyDir, StudyInfo 
             with study.lock():  # a study another driver runs: say so before reading its half-written state
                 pass
         info = StudyInfo.load(study)
-        if opts.trials is not None and opts.trials != info.trials or opts.overrides or opts.space:
-            raise ConfigError("--resume continues the saved study as it was: drop --space, --trials and "
-                              "key=value overrides (start a new --name to change them)")
+        if opts.trials is not None and opts.trials != info.trials or opts.overrides or opts.space or opts.optuna_storage:
+            raise ConfigError("--resume continues the saved study as it was: drop --space, --trials, "
+                              "--optuna-storage and key=value overrides (start a new --name to change them)")
         spec = SpaceFile.model_validate(info.space)
         return study, info, Space(spec, info.base_config(), info.space_path, "", False)
     if not opts.space:
         raise ConfigError("--space FILE is required (e.g. search_spaces/demo.yaml), or --resume")
     space = load_space(opts.space, opts.overrides, opts.trials)
     space.base = absolute_paths(space.base)
+    if opts.optuna_storage:
+        check_storage_url(opts.optuna_storage)
     name = opts.name or f"{Path(opts.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     study = StudyDir(storage, name)
     if study.exists() or (not study.remote and study.local.exists()
@@ -160,7 +164,7 @@ def _new_study(study: StudyDir, space: Space, opts: SearchOptions, storage: str,
     info = StudyInfo(name=study.name, storage=storage, space_path=space.source, space=space.spec.model_dump(),
                      base=space.base.to_dict(), overrides=opts.overrides, trials=space.spec.trials,
                      gpus=plan.gpus, resources=plan.resources, max_concurrent=plan.max_concurrent,
-                     tracking_uri=tracking, experiment=experiment)
+                     tracking_uri=tracking, experiment=experiment, optuna_storage=opts.optuna_storage)
     tags = {"gcs_tune.space": Path(space.source).name, **({TAG_PARENT: opts.parent_run_id} if opts.parent_run_id else {})}
     info.parent_run_id = tracker.open_study(study.name, None, tags)
     study.write("space.yaml", space.text)

@@ -3,7 +3,8 @@ and the path rules that must hold before Ray starts.
 
 ``<storage>/<name>/`` is Ray's experiment folder; beside Ray's own files the driver keeps
 ``study.yaml`` (everything ``--resume`` and ``gcs_tune.best`` need), ``space.yaml`` (a copy),
-``trials.parquet``, ``optuna.yaml``, ``plots/`` and, by default, ``mlflow.db`` + ``mlartifacts/``.
+``trials.parquet``, ``optuna.db`` (the study as Optuna storage), ``optuna.yaml`` (the searcher's
+summary), ``plots/`` and, by default, ``mlflow.db`` + ``mlartifacts/``.
 When ``--storage`` is a URI (s3://, gs://), those files are kept in a local mirror and uploaded.
 """
 from __future__ import annotations
@@ -136,6 +137,7 @@ class StudyInfo:
     max_concurrent: int
     tracking_uri: str
     experiment: str
+    optuna_storage: str = ""  # an RDB URL for the study's Optuna storage; "": <study>/optuna.db
     parent_run_id: str = ""
     reference: dict[str, Any] | None = None  # the CoOp reference run: base/novel/hm, run id
     reference_pending: bool = False  # floor=reference and the reference has not run yet
