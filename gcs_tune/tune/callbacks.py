@@ -1,5 +1,5 @@
 """The driver-side Ray Tune callback: one place where trial events become records, the Parquet
-table, MLflow runs and the live view. Ray calls its hooks in the driver process, in the order the
+table, the Optuna storage, MLflow runs and the live view. Ray calls its hooks in the driver process, in the order the
 trial events happen; nothing here runs inside a trial. What happens when a trial ends, whichever
 way, is :meth:`StudyCallback.finished` (Optuna is told by the searcher, from the same
 :attr:`TrialReport.final_state`).

@@ -120,7 +120,7 @@ class PersistedStudy:
 
     def __init__(self, info: StudyInfo, url: str):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.url, self.name = url, info.name
+        self.name = info.name
         self.storage = optuna.storages.RDBStorage(url)
         self.dists = distributions(info.space["params"])
         self.study = self._open()

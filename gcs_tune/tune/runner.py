@@ -228,4 +228,8 @@ def _fit(study: StudyDir, info: StudyInfo, space: Space, setup: TrialSetup, trai
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # per epoch: a retry continues
                                       failure_config=tune.FailureConfig(max_failures=space.spec.failure.max_failures)))
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Ray's own status table would fight the live view
+    # Each trial checkpoint forces an experiment snapshot (what makes a resume exact); with trials
+    # checkpointing every GCS_TUNE_CHECKPOINT_EVERY_S, several trials at once trip Ray's "snapshotting
+    # triggered multiple times" warning on every search. Ray's slow-snapshot warning stays on.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     tuner.fit()

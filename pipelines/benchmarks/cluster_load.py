@@ -50,6 +50,7 @@ def space(folder: Path, trials: int, epochs: int) -> Path:
 def main(argv=None) -> int:
     args = parse(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gcs_tune.tune  # noqa: F401 -- first: it turns Ray's token auth on before Ray reads its settings
     import ray
     from mlflow.tracking import MlflowClient
     from ray.cluster_utils import Cluster
