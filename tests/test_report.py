@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from gcs_tune import best, report, search  # noqa: E402
 from gcs_tune.tune.plots import comparison_plot  # noqa: E402
 from gcs_tune.tune.report import write_report  # noqa: E402
-from gcs_tune.tune.study import StudyInfo  # noqa: E402
+from gcs_tune.tune.study import StudyDir, StudyInfo  # noqa: E402
 
 NAME = "rep"
 OPTUNA_PLOTS = ("optimisation history", "parameter importances", "ρ × β1 contour", "learning curves", "timeline")
@@ -150,6 +150,20 @@ def test_states_and_infeasible_trials_from_the_table(study, tmp_path):
     last = optuna.load_study(study_name=NAME, storage=f"sqlite:///{copy / 'optuna.db'}").trials[3]
     assert last.constraints == {"base_floor": 2.5} and last.value == -3.0
     assert len(page.images) == len(OPTUNA_PLOTS) + 1  # history with an infeasible trial still drawn
+
+
+def test_a_report_of_a_running_study_leaves_its_optuna_storage_to_the_driver(study, tmp_path):
+    """A report while the search runs reads the storage the driver keeps and never rewrites it
+    from the table, which holds only the trials that ended."""
+    copy = _copy_study(study, tmp_path / NAME)
+    shutil.copy(study / "optuna.db", copy / "optuna.db")
+    pd.read_parquet(copy / "trials.parquet").iloc[:1].to_parquet(copy / "trials.parquet", index=False)
+    storage = f"sqlite:///{copy / 'optuna.db'}"
+    with StudyDir(str(copy.parent), NAME).lock():
+        write_report(copy)
+        assert len(optuna.load_study(study_name=NAME, storage=storage).trials) == 4
+    write_report(copy)  # no driver: the table is the truth
+    assert len(optuna.load_study(study_name=NAME, storage=storage).trials) == 1
 
 
 def test_comparison_page_has_its_table_and_every_study(study, tmp_path):

@@ -68,7 +68,10 @@ def _study(folder: Path, level: int) -> str:
     info, frame = StudyInfo.load(study), read_table(study)
     persisted = PersistedStudy(info, storage_url(info, folder))
     try:
-        optuna_study = persisted.sync(frame.to_dict("records") if not frame.empty else [])
+        if study.driver_running():  # its driver keeps the storage (the table lags: rows are written at trial ends)
+            optuna_study = persisted.study
+        else:
+            optuna_study = persisted.sync(frame.to_dict("records") if not frame.empty else [])
         figures = optuna_figures(optuna_study, info)
     finally:
         persisted.close()

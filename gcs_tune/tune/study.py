@@ -86,6 +86,20 @@ class StudyDir:
     def lock(self) -> "StudyLock":
         return StudyLock(self.local / LOCK_FILE, self.name)
 
+    def driver_running(self) -> bool:
+        """Whether a driver holds the study's lock now (a search or a resume is writing it)."""
+        try:
+            fd = os.open(self.local / LOCK_FILE, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released by the close below
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
 
 class StudyLock:
     """One driver per study: an exclusive ``flock`` on ``<study>/.driver.lock`` held for the whole
