@@ -131,7 +131,8 @@ class PersistedStudy:
     def _open(self) -> optuna.Study:
         study = optuna.create_study(storage=self.storage, study_name=self.name, direction="maximize",
                                     load_if_exists=True)
-        study.set_user_attr("objective", "validation HM with a base floor (penalised below it)")
+        if "objective" not in study.user_attrs:  # a new study: opening an existing one writes nothing
+            study.set_user_attr("objective", "validation HM with a base floor (penalised below it)")
         return study
 
     def sync(self, rows: list[dict[str, Any]]) -> optuna.Study:
