@@ -106,8 +106,7 @@ class StudyCallback(Callback):
         if tracker is not None:  # every trial of the study is known now
             self._send(lambda: tracker.remove_orphans(set(self.records)))
         self._flush(final=True)
-        self.write_table()
-        self._sync_optuna(force=True)
+        self._save()
         if self._state.optuna is not None:
             self._state.optuna.close()
             if not self.info.optuna_storage:  # a storage URI: the local mirror's copy goes up with the rest
@@ -186,8 +185,7 @@ class StudyCallback(Callback):
         if tracker is not None:
             self._send(lambda: self._log_final(tracker, rec, checkpoint))
         self._state.runs[rec.trial_id] = rec.mlflow_run_id
-        self._sync_optuna(force=True)  # first: a trial ended in the table has ended in Optuna
-        self.write_table()
+        self._save()
         if self._state.view:
             self._state.view.finished(rec)
 
@@ -203,8 +201,7 @@ class StudyCallback(Callback):
             log.warning("trial %d (%s, %s) ran after Ray's last snapshot of the study; Ray runs its number "
                         "again", rec.number, tid, rec.state)
         if unknown:
-            self.write_table()
-            self._sync_optuna(force=True)
+            self._save()
 
     # ------------------------------------------------------------ helpers
 
@@ -221,7 +218,10 @@ class StudyCallback(Callback):
             self.records[trial.trial_id] = rec
         return rec
 
-    def write_table(self) -> None:
+    def _save(self) -> None:
+        """The records to the Optuna storage, then to the table: a trial that has ended in the
+        table has ended in Optuna too."""
+        self._sync_optuna(force=True)
         if self._state and self.records:
             self._safe(lambda: write_table(list(self.records.values()), self._state.study))
 

@@ -140,9 +140,10 @@ class PersistedStudy:
         Only rows that changed since the last sync are looked at, so a sync during a long study
         costs what its new events cost."""
         rows = _numbered(rows)
+        signatures = [_signature(row) for row in rows]
         if self.stored is None:
             self.stored = self.study.get_trials(deepcopy=False)
-        changed = {n: self._frozen(row) for n, row in enumerate(rows) if self.seen.get(n) != _signature(row)}
+        changed = {n: self._frozen(row) for n, row in enumerate(rows) if self.seen.get(n) != signatures[n]}
         if len(self.stored) > len(rows) or any(_differs(self.stored[n], w) for n, w in changed.items()
                                                if n < len(self.stored)):
             return self._rewrite(rows)
@@ -155,7 +156,7 @@ class PersistedStudy:
                 continue
             trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study._study_id, n)
             self.stored[n:n + 1] = [self.storage.get_trial(trial_id)]
-        self.seen.update({n: _signature(rows[n]) for n in changed})
+        self.seen.update({n: signatures[n] for n in changed})
         return self.study
 
     def _rewrite(self, rows: list[dict[str, Any]]) -> optuna.Study:
